@@ -1,0 +1,141 @@
+//! Command line of the node-agent.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bpf::AttachMode;
+
+/// Block-IO latency and size histograms from eBPF, served as Prometheus metrics.
+///
+/// Without a subcommand the agent loads its BPF programs and serves /metrics, /healthz and /readyz.
+#[derive(Debug, Parser)]
+#[command(name = "node-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print bcc-style ASCII log2 histograms, from the kernel or from a running agent.
+    Histogram(HistogramArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve /metrics, /healthz and /readyz on.
+    #[arg(long, env = "BIO_LISTEN", default_value = "0.0.0.0:9435")]
+    pub listen: SocketAddr,
+
+    /// Value of the `node` label on every series [default: this host's name].
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+
+    #[command(flatten)]
+    pub bpf: BpfArgs,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "BIO_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Export only devices whose kernel name fully matches one of these regexes (repeatable)
+    /// [default: all devices].
+    #[arg(long = "device-include", value_name = "REGEX")]
+    pub include: Vec<String>,
+
+    /// Never export devices whose kernel name fully matches one of these regexes (repeatable);
+    /// wins over --device-include.
+    #[arg(long = "device-exclude", value_name = "REGEX")]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BpfArgs {
+    /// How to attach to the block layer; auto probes tp_btf, raw_tp, tracepoint, kprobe in turn.
+    #[arg(long, value_enum, env = "BIO_ATTACH", default_value = "auto")]
+    pub attach: AttachMode,
+}
+
+#[derive(Debug, Args)]
+pub struct HistogramArgs {
+    /// Show only this device (kernel name, e.g. sda or loop0).
+    #[arg(long)]
+    pub device: Option<String>,
+
+    /// Time between prints.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Number of prints before exiting [default: until interrupted].
+    #[arg(long)]
+    pub count: Option<u64>,
+
+    /// Read a running agent's /metrics at this URL instead of loading BPF programs.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
+
+    #[command(flatten)]
+    pub bpf: BpfArgs,
+}
+
+/// Parses "250ms", "1s", "2m" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 1s, 500ms"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s or m")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_seed_port() {
+        let cli = Cli::try_parse_from(["node-agent"]).unwrap();
+        assert_eq!(cli.serve.listen.port(), 9435);
+        assert_eq!(cli.serve.bpf.attach, AttachMode::Auto);
+    }
+}

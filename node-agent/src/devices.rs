@@ -1,0 +1,130 @@
+//! Block devices: kernel dev_t → name, and which devices the user wants exported.
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+
+/// The kernel's internal dev_t layout (MKDEV): 12 bits of major above 20 bits of minor.
+const MINOR_BITS: u32 = 20;
+const MINOR_MASK: u32 = (1 << MINOR_BITS) - 1;
+
+pub fn major(dev: u32) -> u32 {
+    dev >> MINOR_BITS
+}
+
+pub fn minor(dev: u32) -> u32 {
+    dev & MINOR_MASK
+}
+
+#[cfg(test)]
+pub fn mkdev(major: u32, minor: u32) -> u32 {
+    (major << MINOR_BITS) | (minor & MINOR_MASK)
+}
+
+/// Names devices through sysfs (`/sys/dev/block/MAJ:MIN` links to the device's directory).
+#[derive(Debug, Clone)]
+pub struct DeviceNamer {
+    sys_dev_block: PathBuf,
+}
+
+impl Default for DeviceNamer {
+    fn default() -> Self {
+        Self::new("/sys/dev/block")
+    }
+}
+
+impl DeviceNamer {
+    pub fn new(sys_dev_block: impl Into<PathBuf>) -> Self {
+        Self { sys_dev_block: sys_dev_block.into() }
+    }
+
+    /// The kernel name (sda, nvme0n1, loop0, dm-0). A device that vanished or never had a sysfs
+    /// entry is still exported, named "MAJ:MIN", so no IO is dropped.
+    pub fn name(&self, dev: u32) -> String {
+        let id = format!("{}:{}", major(dev), minor(dev));
+        let link = self.sys_dev_block.join(&id);
+        match std::fs::read_link(&link).ok().as_deref().and_then(Path::file_name) {
+            Some(name) => name.to_string_lossy().into_owned(),
+            None => {
+                tracing::debug!(device = %id, "no sysfs name for device; exporting it by number");
+                id
+            }
+        }
+    }
+}
+
+/// Which device names are exported: full-match regexes; exclude wins over include.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    include: Vec<Regex>,
+    exclude: Vec<Regex>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid device regex {pattern:?}: {source}")]
+pub struct InvalidDeviceRegex {
+    pub pattern: String,
+    #[source]
+    pub source: regex::Error,
+}
+
+impl DeviceFilter {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self, InvalidDeviceRegex> {
+        let compile = |patterns: &[String]| {
+            patterns
+                .iter()
+                .map(|p| {
+                    Regex::new(&format!("^(?:{p})$"))
+                        .map_err(|source| InvalidDeviceRegex { pattern: p.clone(), source })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self { include: compile(include)?, exclude: compile(exclude)? })
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        let included = self.include.is_empty() || self.include.iter().any(|r| r.is_match(name));
+        included && !self.exclude.iter().any(|r| r.is_match(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_t_round_trips() {
+        let d = mkdev(259, 3);
+        assert_eq!((major(d), minor(d)), (259, 3));
+        assert_eq!(mkdev(7, 0), 7 << 20);
+    }
+
+    #[test]
+    fn filter_full_match_and_exclude_wins() {
+        let f = DeviceFilter::new(&["loop[0-9]+".into(), "zram.*".into()], &["loop7".into()]).unwrap();
+        assert!(f.allows("loop0"));
+        assert!(f.allows("zram0"));
+        assert!(!f.allows("loop7"));
+        assert!(!f.allows("xloop0"), "include must match the whole name");
+        assert!(!f.allows("vda"));
+        assert!(DeviceFilter::default().allows("anything"));
+    }
+
+    #[test]
+    fn bad_regex_is_named() {
+        let err = DeviceFilter::new(&["loop[".into()], &[]).unwrap_err();
+        assert!(err.to_string().contains("loop["), "{err}");
+    }
+
+    #[test]
+    fn names_from_sysfs_links_and_numbers_otherwise() {
+        let dir = std::env::temp_dir().join(format!("bio-devnamer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = "../../devices/virtual/block/loop3";
+        let _ = std::fs::remove_file(dir.join("7:3"));
+        std::os::unix::fs::symlink(target, dir.join("7:3")).unwrap();
+        let namer = DeviceNamer::new(&dir);
+        assert_eq!(namer.name(mkdev(7, 3)), "loop3");
+        assert_eq!(namer.name(mkdev(7, 99)), "7:99");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,101 @@
+//! The HTTP side: /metrics read from the kernel maps at scrape time, plus health endpoints.
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::bpf::MapReader;
+use crate::devices::{DeviceFilter, DeviceNamer};
+use crate::metrics::{name_hists, render_text, Labels, TEXT_CONTENT_TYPE};
+use crate::ops::OpNames;
+
+/// Everything a scrape needs, set once the programs are attached.
+pub struct Source {
+    pub reader: MapReader,
+    pub namer: DeviceNamer,
+    pub filter: DeviceFilter,
+    pub ops: OpNames,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Default)]
+pub struct AppState {
+    ready: Arc<AtomicBool>,
+    source: Arc<std::sync::OnceLock<Source>>,
+}
+
+impl AppState {
+    pub fn set_source(&self, source: Source) {
+        if self.source.set(source).is_ok() {
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}{hint}")]
+pub struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+    hint: &'static str,
+}
+
+/// Binds first, so a port in use is reported before any BPF work.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => " (another process uses this port; choose one with --listen)",
+            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+            _ => "",
+        };
+        BindError { addr, source, hint }
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/", get(|| async { "bio-exporter node-agent: see /metrics\n" }))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "BPF programs not attached yet\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(source) = state.source.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "BPF programs not attached yet\n").into_response();
+    };
+    // Map reads are syscalls and sysfs lookups: keep them off the async workers.
+    let state2 = state.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let source = state2.source.get().expect("checked above");
+        source.reader.snapshot().map(|snap| {
+            let hists = name_hists(&snap, &source.namer, &source.filter, &source.ops);
+            render_text(hists, snap.lost, &source.labels)
+        })
+    })
+    .await;
+    let _ = source;
+    match rendered {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], body).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "scrape failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("reading BPF maps failed: {e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("scrape task failed: {e}\n")).into_response(),
+    }
+}

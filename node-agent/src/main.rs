@@ -1,0 +1,130 @@
+//! node-agent: block-IO latency and size histograms from eBPF, served to Prometheus.
+mod bpf;
+mod cli;
+mod devices;
+mod histogram_view;
+mod http;
+mod metrics;
+mod ops;
+mod snapshot;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command, ServeArgs};
+use devices::{DeviceFilter, DeviceNamer};
+
+/// Exit codes: 1 for runtime failures, 2 for bad command-line input (like clap's own).
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.serve.log_level, cli.serve.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Histogram(args)) => runtime.block_on(histogram_view::run(args)),
+        None => runtime.block_on(serve(cli.serve)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("warning: invalid --log-level {level:?} ({e}); using info");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Usage(#[from] devices::InvalidDeviceRegex),
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Bpf(#[from] bpf::BpfError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl AgentError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Usage(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+fn node_name(flag: Option<String>) -> String {
+    flag.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<(), AgentError> {
+    let filter = DeviceFilter::new(&args.devices.include, &args.devices.exclude)?;
+    let node = node_name(args.node_name);
+    let listener = http::bind(args.listen).await?;
+    let state = http::AppState::default();
+    let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(shutdown_signal());
+    let server = tokio::spawn(async move { server.await });
+    tracing::info!(listen = %args.listen, node = %node, "serving /metrics, /healthz, /readyz");
+
+    let attached = bpf::attach(args.bpf.attach)?;
+    state.set_source(http::Source {
+        reader: attached.reader(),
+        namer: DeviceNamer::default(),
+        filter,
+        ops: attached.facts.ops.clone(),
+        labels: metrics::Labels { node, attach_mode: attached.mode.to_string() },
+    });
+    tracing::info!(mode = %attached.mode, "BPF programs attached; ready");
+
+    let served = server.await;
+    // Detach before reporting: the programs must be gone once the process says it stopped.
+    drop(attached);
+    tracing::info!("BPF programs detached; exiting");
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AgentError::Other(format!("HTTP server failed: {e}"))),
+        Err(e) => Err(AgentError::Other(format!("HTTP server task failed: {e}"))),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}

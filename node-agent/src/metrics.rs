@@ -1,0 +1,269 @@
+//! The exposition: the seed's ebpf_exporter metrics, exactly, plus labels and metrics beside them.
+//!
+//! Everything is derived from one [`Snapshot`] at scrape time; nothing here keeps state.
+use std::collections::BTreeMap;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::devices::{DeviceFilter, DeviceNamer};
+use crate::ops::OpNames;
+use crate::snapshot::{DeviceOpHist, Snapshot, LOG2_SLOTS, LOST_REASONS};
+
+pub const LATENCY_NAME: &str = "ebpf_bio_req_latency";
+pub const LATENCY_HELP: &str = "A histogram of bio request latencies in microseconds.";
+pub const SIZE_NAME: &str = "ebpf_bio_req_size";
+pub const SIZE_HELP: &str = "A histogram of bio request sizes in KiB.";
+
+/// The seed's largest finite `le`: 2^31 µs for latency, 2^15 KiB for size. Slots above fold
+/// into +Inf in the classic buckets (never into the last finite bucket).
+pub const LATENCY_MAX_LOG2: usize = 31;
+pub const SIZE_MAX_LOG2: usize = 15;
+
+const NSEC_PER_USEC: f64 = 1000.0;
+const BYTES_PER_KIB: f64 = 1024.0;
+
+/// Who is exporting, for the labels every series carries.
+#[derive(Debug, Clone)]
+pub struct Labels {
+    pub node: String,
+    pub attach_mode: String,
+}
+
+/// One device/operation histogram with its names resolved.
+#[derive(Debug, Clone)]
+pub struct NamedHist {
+    pub device: String,
+    pub operation: String,
+    pub hist: DeviceOpHist,
+}
+
+/// Names devices and operations, drops filtered devices, and merges pairs that resolve to the
+/// same names (a device number reused by another disk) so no series is emitted twice.
+pub fn name_hists(snapshot: &Snapshot, namer: &DeviceNamer, filter: &DeviceFilter, ops: &OpNames) -> Vec<NamedHist> {
+    let mut merged: BTreeMap<(String, String), DeviceOpHist> = BTreeMap::new();
+    for h in &snapshot.hists {
+        let device = namer.name(h.dev);
+        if !filter.allows(&device) {
+            continue;
+        }
+        let operation = ops.name(h.op);
+        let entry = merged.entry((device, operation)).or_insert_with(|| DeviceOpHist::empty(h.dev, h.op));
+        for k in 0..LOG2_SLOTS {
+            entry.latency_slots[k] += h.latency_slots[k];
+            entry.size_slots[k] += h.size_slots[k];
+        }
+        entry.latency_sum_ns += h.latency_sum_ns;
+        entry.size_sum_bytes += h.size_sum_bytes;
+        entry.errors += h.errors;
+    }
+    merged.into_iter().map(|((device, operation), hist)| NamedHist { device, operation, hist }).collect()
+}
+
+/// Classic buckets: slot k is the bucket `le = 2^k`, for k up to `max_log2`; the encoder adds
+/// +Inf = count, which is where every larger slot belongs.
+fn classic_buckets(slots: &[u64; LOG2_SLOTS], max_log2: usize) -> Vec<(f64, u64)> {
+    (0..=max_log2).map(|k| ((1u64 << k) as f64, slots[k])).collect()
+}
+
+#[derive(Debug)]
+struct BioCollector {
+    hists: Vec<NamedHist>,
+    lost: [u64; LOST_REASONS.len()],
+    labels: Labels,
+}
+
+impl BioCollector {
+    fn series_labels(&self, h: &NamedHist) -> [(&'static str, String); 3] {
+        [("device", h.device.clone()), ("operation", h.operation.clone()), ("node", self.labels.node.clone())]
+    }
+}
+
+impl Collector for BioCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // The seed's families print even before any IO, like ebpf_exporter's, but series appear
+        // only for pairs that did IO since load.
+        {
+            let mut family = encoder.encode_descriptor(LATENCY_NAME, LATENCY_HELP, None, MetricType::Histogram)?;
+            for h in &self.hists {
+                let labels = self.series_labels(h);
+                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    h.hist.latency_sum_ns as f64 / NSEC_PER_USEC,
+                    h.hist.count(),
+                    &classic_buckets(&h.hist.latency_slots, LATENCY_MAX_LOG2),
+                    None,
+                )?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(SIZE_NAME, SIZE_HELP, None, MetricType::Histogram)?;
+            for h in &self.hists {
+                let labels = self.series_labels(h);
+                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    h.hist.size_sum_bytes as f64 / BYTES_PER_KIB,
+                    h.hist.count(),
+                    &classic_buckets(&h.hist.size_slots, SIZE_MAX_LOG2),
+                    None,
+                )?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "ebpf_bio_req_errors",
+                "Block IO requests that completed with an error, also counted in ebpf_bio_req_latency and ebpf_bio_req_size.",
+                None,
+                MetricType::Counter,
+            )?;
+            for h in &self.hists {
+                let labels = self.series_labels(h);
+                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&h.hist.errors, None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "ebpf_bio_lost_events",
+                "IO measurements the kernel side could not record, by reason (a full table, or a completion without a known issue time).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in LOST_REASONS.iter().zip(self.lost) {
+                let labels = [("reason", reason.to_string()), ("node", self.labels.node.clone())];
+                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&n, None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "ebpf_bio_attach",
+                "How the agent attached to the block layer (value 1).",
+                None,
+                MetricType::Info,
+            )?;
+            let labels = [("mode", self.labels.attach_mode.clone()), ("node", self.labels.node.clone())];
+            family.encode_info(&labels)?;
+        }
+        Ok(())
+    }
+}
+
+/// Renders the Prometheus text format 0.0.4.
+pub fn render_text(hists: Vec<NamedHist>, lost: [u64; LOST_REASONS.len()], labels: &Labels) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(BioCollector { hists, lost, labels: labels.clone() }));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Labels {
+        Labels { node: "n1".into(), attach_mode: "tp_btf".into() }
+    }
+
+    fn hist(device: &str, operation: &str, f: impl FnOnce(&mut DeviceOpHist)) -> NamedHist {
+        let mut hist = DeviceOpHist::empty(0, 0);
+        f(&mut hist);
+        NamedHist { device: device.into(), operation: operation.into(), hist }
+    }
+
+    /// The seed's `le` strings, in order, as dashboards match them.
+    const SEED_LATENCY_LE: [&str; 33] = [
+        "1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024", "2048", "4096", "8192",
+        "16384", "32768", "65536", "131072", "262144", "524288", "1.048576e+06", "2.097152e+06",
+        "4.194304e+06", "8.388608e+06", "1.6777216e+07", "3.3554432e+07", "6.7108864e+07",
+        "1.34217728e+08", "2.68435456e+08", "5.36870912e+08", "1.073741824e+09", "2.147483648e+09",
+        "+Inf",
+    ];
+    const SEED_SIZE_LE: [&str; 17] = [
+        "1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024", "2048", "4096", "8192",
+        "16384", "32768", "+Inf",
+    ];
+
+    fn le_values(text: &str, prefix: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| {
+                let start = l.find("le=\"").expect("le label") + 4;
+                let end = start + l[start..].find('"').unwrap();
+                l[start..end].to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seed_names_help_type_and_le_strings() {
+        let text = render_text(vec![hist("sda", "write", |h| h.latency_slots[6] = 1)], [0; 4], &labels());
+        assert!(text.contains("# HELP ebpf_bio_req_latency A histogram of bio request latencies in microseconds.\n"));
+        assert!(text.contains("# TYPE ebpf_bio_req_latency histogram\n"));
+        assert!(text.contains("# HELP ebpf_bio_req_size A histogram of bio request sizes in KiB.\n"));
+        assert!(text.contains("# TYPE ebpf_bio_req_size histogram\n"));
+        assert_eq!(le_values(&text, "ebpf_bio_req_latency_bucket"), SEED_LATENCY_LE);
+        assert_eq!(le_values(&text, "ebpf_bio_req_size_bucket"), SEED_SIZE_LE);
+        assert!(
+            text.contains("ebpf_bio_req_latency_bucket{device=\"sda\",operation=\"write\",node=\"n1\",le=\"1.048576e+06\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_inf_equals_count() {
+        let text = render_text(
+            vec![hist("loop0", "read", |h| {
+                h.latency_slots[0] = 2; // <= 1 µs
+                h.latency_slots[3] = 5; // (4, 8] µs
+                h.latency_slots[40] = 1; // beyond 2^31 µs: only in +Inf
+                h.size_slots[2] = 7; // 4 KiB
+                h.size_slots[16] = 1; // a 64 MiB discard: beyond le=32768
+                h.latency_sum_ns = 1_500;
+                h.size_sum_bytes = 7 * 4096 + (64 << 20);
+            })],
+            [0; 4],
+            &labels(),
+        );
+        let line = |s: &str| text.lines().find(|l| l.starts_with(s)).unwrap_or_else(|| panic!("{s} in {text}")).to_string();
+        let series = "{device=\"loop0\",operation=\"read\",node=\"n1\"";
+        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"1\"}}")).ends_with(" 2"));
+        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"4\"}}")).ends_with(" 2"));
+        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"8\"}}")).ends_with(" 7"));
+        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"2.147483648e+09\"}}")).ends_with(" 7"));
+        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"+Inf\"}}")).ends_with(" 8"));
+        assert!(line(&format!("ebpf_bio_req_latency_count{series}}}")).ends_with(" 8"));
+        assert!(line(&format!("ebpf_bio_req_latency_sum{series}}}")).ends_with(" 1.5"));
+        assert!(line(&format!("ebpf_bio_req_size_bucket{series},le=\"32768\"}}")).ends_with(" 7"));
+        assert!(line(&format!("ebpf_bio_req_size_bucket{series},le=\"+Inf\"}}")).ends_with(" 8"));
+        assert!(line(&format!("ebpf_bio_req_size_sum{series}}}")).ends_with(" 65564"));
+    }
+
+    #[test]
+    fn errors_lost_and_attach_mode_are_exported() {
+        let text = render_text(vec![hist("vda", "flush", |h| h.errors = 3)], [1, 2, 0, 0], &labels());
+        assert!(text.contains("ebpf_bio_req_errors_total{device=\"vda\",operation=\"flush\",node=\"n1\"} 3\n"), "{text}");
+        assert!(text.contains("ebpf_bio_lost_events_total{reason=\"no_start_time\",node=\"n1\"} 2\n"), "{text}");
+        assert!(text.contains("ebpf_bio_attach_info{mode=\"tp_btf\",node=\"n1\"} 1\n"), "{text}");
+    }
+
+    #[test]
+    fn naming_filters_and_merges() {
+        use crate::devices::mkdev;
+        let mut a = DeviceOpHist::empty(mkdev(7, 0), 0);
+        a.latency_slots[1] = 1;
+        let mut b = a.clone();
+        b.dev = mkdev(7, 1);
+        let snap = Snapshot { hists: vec![a.clone(), b, a], lost: [0; 4] };
+        let namer = DeviceNamer::new("/nonexistent");
+        let ops = OpNames::current_kernel();
+        let all = name_hists(&snap, &namer, &DeviceFilter::default(), &ops);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].device, "7:0");
+        assert_eq!(all[0].hist.count(), 2, "same names merge");
+        let only = name_hists(&snap, &namer, &DeviceFilter::new(&[], &["7:1".into()]).unwrap(), &ops);
+        assert_eq!(only.len(), 1);
+    }
+}

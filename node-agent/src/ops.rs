@@ -1,0 +1,100 @@
+//! Operation codes from the BPF keys, named the way users see them (read, write, flush, ...).
+//!
+//! REQ_OP_* values moved between kernel versions, so the names come from the running kernel's BTF
+//! (`enum req_op`) when it has one; the table below is the layout of current kernels, for the rest.
+use std::collections::HashMap;
+
+/// Classic tracepoints only see the rwbs string; these codes mirror CLASSIC_OP_* in bpf/bio_types.h.
+const CLASSIC_OP_BASE: u32 = 0x100;
+const CLASSIC_OPS: [(u32, &str); 5] = [
+    (CLASSIC_OP_BASE, "read"),
+    (CLASSIC_OP_BASE + 1, "write"),
+    (CLASSIC_OP_BASE + 2, "flush"),
+    (CLASSIC_OP_BASE + 3, "discard"),
+    (CLASSIC_OP_BASE + 0xff, "other"),
+];
+
+/// enum req_op of Linux 5.19 and later.
+const CURRENT_KERNEL_OPS: [(u32, &str); 14] = [
+    (0, "read"),
+    (1, "write"),
+    (2, "flush"),
+    (3, "discard"),
+    (5, "secure_erase"),
+    (7, "zone_append"),
+    (9, "write_zeroes"),
+    (10, "zone_open"),
+    (11, "zone_close"),
+    (12, "zone_finish"),
+    (13, "zone_reset"),
+    (15, "zone_reset_all"),
+    (34, "drv_in"),
+    (35, "drv_out"),
+];
+
+#[derive(Debug, Clone)]
+pub struct OpNames {
+    names: HashMap<u32, String>,
+}
+
+impl OpNames {
+    /// Names from `REQ_OP_*` enumerators, e.g. ("REQ_OP_WRITE_ZEROES", 9) → "write_zeroes".
+    pub fn from_enumerators<'a>(members: impl IntoIterator<Item = (&'a str, i64)>) -> Self {
+        let mut names: HashMap<u32, String> = HashMap::new();
+        for (name, value) in members {
+            let Some(op) = name.strip_prefix("REQ_OP_") else { continue };
+            let Ok(value) = u32::try_from(value) else { continue };
+            if op == "LAST" {
+                continue;
+            }
+            names.insert(value, op.to_ascii_lowercase());
+        }
+        Self::with_classic(names)
+    }
+
+    /// The layout of current kernels, when the running one has no BTF to ask.
+    pub fn current_kernel() -> Self {
+        Self::with_classic(CURRENT_KERNEL_OPS.iter().map(|(v, n)| (*v, n.to_string())).collect())
+    }
+
+    fn with_classic(mut names: HashMap<u32, String>) -> Self {
+        names.extend(CLASSIC_OPS.iter().map(|(v, n)| (*v, n.to_string())));
+        Self { names }
+    }
+
+    /// Never fails: an op the kernel gained after this agent was built is still exported.
+    pub fn name(&self, op: u32) -> String {
+        match self.names.get(&op) {
+            Some(n) => n.clone(),
+            None => format!("op_{op}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_btf_enumerators() {
+        let ops = OpNames::from_enumerators([
+            ("REQ_OP_READ", 0),
+            ("REQ_OP_WRITE", 1),
+            ("REQ_OP_WRITE_ZEROES", 9),
+            ("REQ_OP_LAST", 36),
+            ("NOT_AN_OP", 3),
+        ]);
+        assert_eq!(ops.name(0), "read");
+        assert_eq!(ops.name(9), "write_zeroes");
+        assert_eq!(ops.name(36), "op_36");
+        assert_eq!(ops.name(3), "op_3");
+    }
+
+    #[test]
+    fn classic_codes_are_named_in_every_table() {
+        for ops in [OpNames::current_kernel(), OpNames::from_enumerators([])] {
+            assert_eq!(ops.name(CLASSIC_OP_BASE), "read");
+            assert_eq!(ops.name(CLASSIC_OP_BASE + 0xff), "other");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! What the kernel counted, summed over CPUs: the input of every exporter view.
+//!
+//! Parsing is kept apart from map access so it is tested without a kernel. The layouts mirror
+//! `struct hist_key`, `struct hist` and `enum lost_reason` in bpf/bio_types.h.
+
+/// Slots per histogram (LOG2_SLOTS): one per power of two of a 64-bit value.
+pub const LOG2_SLOTS: usize = 64;
+const HIST_WORDS: usize = 2 * LOG2_SLOTS + 3;
+pub const HIST_VALUE_SIZE: usize = HIST_WORDS * 8;
+pub const HIST_KEY_SIZE: usize = 8;
+
+/// Names of `enum lost_reason`, in order; exported as the `reason` label.
+pub const LOST_REASONS: [&str; 4] = ["start_map_full", "no_start_time", "hist_map_full", "partial_map_full"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceOpHist {
+    /// Kernel-internal dev_t of the whole disk.
+    pub dev: u32,
+    /// REQ_OP_* of the running kernel, or a classic-tracepoint op code.
+    pub op: u32,
+    /// Slot k counts latencies in (2^(k-1), 2^k] µs; slot 0 is [0, 1] µs.
+    pub latency_slots: [u64; LOG2_SLOTS],
+    /// Slot k counts sizes in (2^(k-1), 2^k] KiB; slot 0 is [0, 1] KiB.
+    pub size_slots: [u64; LOG2_SLOTS],
+    pub latency_sum_ns: u64,
+    pub size_sum_bytes: u64,
+    pub errors: u64,
+}
+
+impl DeviceOpHist {
+    pub fn empty(dev: u32, op: u32) -> Self {
+        Self {
+            dev,
+            op,
+            latency_slots: [0; LOG2_SLOTS],
+            size_slots: [0; LOG2_SLOTS],
+            latency_sum_ns: 0,
+            size_sum_bytes: 0,
+            errors: 0,
+        }
+    }
+
+    /// Every observation lands in exactly one latency slot, so this is the IO count.
+    pub fn count(&self) -> u64 {
+        self.latency_slots.iter().sum()
+    }
+
+    /// Adds one CPU's value (native-endian `struct hist` bytes).
+    pub fn add_cpu_value(&mut self, bytes: &[u8]) -> Result<(), LayoutError> {
+        if bytes.len() < HIST_VALUE_SIZE {
+            return Err(LayoutError { what: "struct hist", expected: HIST_VALUE_SIZE, got: bytes.len() });
+        }
+        let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        for k in 0..LOG2_SLOTS {
+            self.latency_slots[k] += word(k);
+            self.size_slots[k] += word(LOG2_SLOTS + k);
+        }
+        self.latency_sum_ns += word(2 * LOG2_SLOTS);
+        self.size_sum_bytes += word(2 * LOG2_SLOTS + 1);
+        self.errors += word(2 * LOG2_SLOTS + 2);
+        Ok(())
+    }
+}
+
+/// Parses a `struct hist_key`.
+pub fn parse_key(bytes: &[u8]) -> Result<(u32, u32), LayoutError> {
+    if bytes.len() != HIST_KEY_SIZE {
+        return Err(LayoutError { what: "struct hist_key", expected: HIST_KEY_SIZE, got: bytes.len() });
+    }
+    let dev = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let op = u32::from_ne_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    Ok((dev, op))
+}
+
+#[cfg(test)]
+pub fn key_bytes(dev: u32, op: u32) -> [u8; HIST_KEY_SIZE] {
+    let mut k = [0u8; HIST_KEY_SIZE];
+    k[0..4].copy_from_slice(&dev.to_ne_bytes());
+    k[4..8].copy_from_slice(&op.to_ne_bytes());
+    k
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("BPF map value layout mismatch for {what}: expected {expected} bytes, got {got}")]
+pub struct LayoutError {
+    pub what: &'static str,
+    pub expected: usize,
+    pub got: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub hists: Vec<DeviceOpHist>,
+    /// Indexed like LOST_REASONS.
+    pub lost: [u64; LOST_REASONS.len()],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(lat_slot: usize, size_slot: usize, sums: [u64; 3]) -> Vec<u8> {
+        let mut words = vec![0u64; HIST_WORDS];
+        words[lat_slot] = 1;
+        words[LOG2_SLOTS + size_slot] = 1;
+        words[2 * LOG2_SLOTS..].copy_from_slice(&sums);
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn sums_cpu_values() {
+        let mut h = DeviceOpHist::empty(1, 0);
+        h.add_cpu_value(&value(3, 2, [1500, 4096, 0])).unwrap();
+        h.add_cpu_value(&value(3, 4, [2500, 16384, 1])).unwrap();
+        assert_eq!(h.latency_slots[3], 2);
+        assert_eq!(h.size_slots[2], 1);
+        assert_eq!(h.size_slots[4], 1);
+        assert_eq!((h.latency_sum_ns, h.size_sum_bytes, h.errors), (4000, 20480, 1));
+        assert_eq!(h.count(), 2);
+    }
+
+    #[test]
+    fn rejects_short_values_and_keys() {
+        let mut h = DeviceOpHist::empty(1, 0);
+        assert!(h.add_cpu_value(&[0u8; 16]).is_err());
+        assert!(parse_key(&[0u8; 4]).is_err());
+        assert_eq!(parse_key(&key_bytes(7 << 20, 9)).unwrap(), (7 << 20, 9));
+    }
+}
