@@ -1,0 +1,305 @@
+//! The bio-operator process: CLI, logging, the HTTP endpoints, leader
+//! election, CRD installation and the controller.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use bio_operator::{
+    controller, http, install,
+    leader::{unique_identity, LeaderElector, LeaseConfig},
+    metrics::Metrics,
+    names,
+    settings::{Settings, DEFAULT_AGENT_IMAGE},
+    telemetry, Error, Result,
+};
+use clap::{ArgAction, Parser, ValueEnum};
+use kube::{runtime::events::Reporter, Client};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Kubernetes operator for bio-exporter: reconciles BioMonitor objects
+/// (bioexporter.io/v1alpha1) into node-agent DaemonSets, Services,
+/// ServiceMonitors and RBAC.
+///
+/// Connects with the in-cluster service account, or with $KUBECONFIG /
+/// ~/.kube/config outside a cluster.
+#[derive(Parser, Debug)]
+#[command(name = "bio-operator", version, about, long_about)]
+struct Args {
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "BIO_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: SocketAddr,
+
+    /// Run the controller only while holding a coordination.k8s.io Lease,
+    /// so several replicas can run safely. Disable only for a single replica
+    /// or local development.
+    #[arg(long, env = "BIO_OPERATOR_LEADER_ELECT", default_value_t = true, action = ArgAction::Set)]
+    leader_elect: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "BIO_OPERATOR_LEASE_NAME", default_value = "bio-operator")]
+    lease_name: String,
+
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+
+    /// How long followers wait after the last renewal before taking over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+
+    /// How long the leader keeps reconciling without a successful renewal;
+    /// must be shorter than --lease-duration.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+
+    /// Pause between attempts to acquire or renew the lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+
+    /// Identity in the Lease; a random suffix is added. Defaults to the pod name.
+    #[arg(long, env = "POD_NAME")]
+    leader_identity: Option<String>,
+
+    /// Server-side apply the BioMonitor CRD on start-up (the upgrade path,
+    /// since Helm never upgrades CRDs). Needs RBAC on that CRD.
+    #[arg(long, env = "BIO_OPERATOR_MANAGE_CRD", default_value_t = true, action = ArgAction::Set)]
+    manage_crd: bool,
+
+    /// Agent image for BioMonitors that do not set spec.agent.image.
+    #[arg(long, env = "BIO_OPERATOR_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
+    agent_image: String,
+
+    /// ClusterRole (installed by the chart) that agent ServiceAccounts are bound to.
+    #[arg(
+        long,
+        env = "BIO_OPERATOR_AGENT_CLUSTER_ROLE",
+        default_value = "bio-exporter-agent"
+    )]
+    agent_cluster_role: String,
+
+    /// Periodic full re-reconcile of every BioMonitor.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    resync_interval: Duration,
+
+    /// Retry period while the ServiceMonitor CRD is not installed.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    crd_retry_interval: Duration,
+
+    /// Log filter, RUST_LOG syntax (e.g. `info` or `bio_operator=debug,kube=info`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+
+    /// Log output format.
+    #[arg(
+        long,
+        env = "BIO_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration like 15s, 2m or 1h30m: {e}"))?;
+    if d.is_negative() {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok(d.into())
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    telemetry::init(&args.log_level, matches!(args.log_format, LogFormat::Json));
+    if let Err(err) = run(args).await {
+        tracing::error!(error = %err, "bio-operator stopped");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(args: Args) -> Result<()> {
+    let settings = Settings {
+        agent_image: args.agent_image.clone(),
+        agent_cluster_role: args.agent_cluster_role.clone(),
+        resync_interval: args.resync_interval,
+        crd_missing_retry: args.crd_retry_interval,
+    };
+    let base_identity = args
+        .leader_identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "bio-operator".into());
+    let lease = if args.leader_elect {
+        let cfg = LeaseConfig {
+            name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone().ok_or_else(|| {
+                Error::Config(
+                    "--lease-namespace (or POD_NAMESPACE) is required with --leader-elect".into(),
+                )
+            })?,
+            identity: unique_identity(&base_identity),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        cfg.validate()?;
+        Some(cfg)
+    } else {
+        None
+    };
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = http::HttpState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
+    let addr = args.metrics_addr;
+    let listener = tokio::spawn(async move {
+        if let Err(err) = http::serve(addr, http_state).await {
+            tracing::error!(error = %err, %addr, "HTTP server failed");
+            std::process::exit(1);
+        }
+    });
+
+    let client = Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    tracing::info!(
+        apiserver = %format!("{}.{}", version.major, version.minor),
+        agent_image = %settings.agent_image,
+        "connected to the API server"
+    );
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let reporter = Reporter {
+        controller: names::FIELD_MANAGER.into(),
+        instance: Some(base_identity),
+    };
+    let work = {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let manage_crd = args.manage_crd;
+        move || {
+            let client = client.clone();
+            let settings = settings.clone();
+            let metrics = metrics.clone();
+            let reporter = reporter.clone();
+            async move {
+                if manage_crd {
+                    install::apply_crd(client.clone(), Duration::from_secs(60)).await?;
+                }
+                controller::run(client, settings, metrics, reporter).await
+            }
+        }
+    };
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let result = match lease {
+        None => {
+            metrics.leader.set(1);
+            tokio::select! {
+                res = work() => res,
+                _ = &mut shutdown => Ok(()),
+            }
+        }
+        Some(cfg) => {
+            let mut elector = LeaderElector::new(client.clone(), cfg);
+            tracing::info!(identity = %elector.identity(), "leader election enabled");
+            let result = loop {
+                let acquired_at = tokio::select! {
+                    at = elector.acquire() => at,
+                    _ = &mut shutdown => break Ok(()),
+                };
+                metrics.leader.set(1);
+                let outcome = tokio::select! {
+                    res = elector.run_while_leader(acquired_at, work()) => res,
+                    _ = &mut shutdown => {
+                        metrics.leader.set(0);
+                        break Ok(());
+                    }
+                };
+                metrics.leader.set(0);
+                match outcome {
+                    // Lost the lease: the controller is already stopped;
+                    // stand by again with fresh caches.
+                    Err(Error::LeadershipLost(why)) => {
+                        tracing::error!(reason = %why, "lost leadership; controller stopped");
+                    }
+                    Err(err) => break Err(err),
+                    Ok(res) => break res,
+                }
+            };
+            // The work future is dropped by now: nothing writes any more, so
+            // handing the lease over early is safe.
+            if let Err(err) = elector.release().await {
+                tracing::warn!(error = %err, "could not release the lease");
+            }
+            result
+        }
+    };
+    listener.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_like_kubernetes() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn boolean_flags_can_be_turned_off() {
+        let args =
+            Args::try_parse_from(["bio-operator", "--leader-elect=false", "--manage-crd=false"])
+                .unwrap();
+        assert!(!args.leader_elect);
+        assert!(!args.manage_crd);
+        assert_eq!(args.metrics_addr.port(), 8080);
+    }
+}

@@ -1,0 +1,471 @@
+//! The reconcile loop: BioMonitor -> children (server-side apply), status,
+//! events. Decisions live in the pure modules; this file does the I/O.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{channel::mpsc, StreamExt};
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Node, Service, ServiceAccount},
+        rbac::v1::ClusterRoleBinding,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
+use kube::{
+    api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        finalizer::{finalizer, Event as FinalizerEvent},
+        reflector::{self, ObjectRef, Store},
+        watcher, Controller, WatchStreamExt,
+    },
+    Client, Resource, ResourceExt,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::json;
+
+use crate::{
+    conditions::{self, compute_status, DaemonSetState, Observation, ServiceMonitorState},
+    conflict::{self, Verdict},
+    crd::{BioMonitor, BioMonitorStatus},
+    error::is_not_found,
+    metrics::Metrics,
+    names,
+    resources::{self, servicemonitor, ServiceMonitor},
+    settings::Settings,
+    validate::validate_spec,
+    Error, Result,
+};
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// All BioMonitors (the controller's own cache), for the conflict rule.
+    pub monitors: Store<BioMonitor>,
+    /// All nodes, for the conflict rule.
+    pub nodes: Store<Node>,
+    /// Re-reconciles every BioMonitor: one monitor's spec or deletion can
+    /// change another's conflict verdict.
+    reconcile_all: mpsc::UnboundedSender<()>,
+    /// Generation per BioMonitor uid for which `reconcile_all` was already
+    /// sent, so the fan-out happens once per spec change, not per reconcile.
+    fanned_out: Mutex<HashMap<String, i64>>,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<ObjectRef<BioMonitor>, u32>>,
+}
+
+/// Runs the controller until the watch streams end. Meant to be run only
+/// while holding leadership: dropping the returned future stops all writes.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    reporter: Reporter,
+) -> Result<()> {
+    let monitors = Api::<BioMonitor>::all(client.clone());
+    // Fail with a clear message instead of a watch retrying forever.
+    monitors
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot list BioMonitors (is the CRD installed and RBAC granted?): {e}"
+            ))
+        })?;
+
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_watch = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            // Images and conditions dominate a Node's size and are irrelevant
+            // to placement; the cache keeps labels and taints only.
+            .modify(|node| {
+                node.status = None;
+                node.managed_fields_mut().clear();
+                node.annotations_mut().clear();
+            }),
+    )
+    .for_each(|event| async move {
+        if let Err(err) = event {
+            tracing::warn!(error = %err, "node watch failed; retrying");
+        }
+    });
+
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::FIELD_MANAGER
+    ));
+    let (reconcile_all, reconcile_all_rx) = mpsc::unbounded();
+    let controller = Controller::new(monitors, watcher::Config::default())
+        .owns(Api::<DaemonSet>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), owned)
+        .reconcile_all_on(reconcile_all_rx);
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        settings,
+        metrics,
+        monitors: controller.store(),
+        nodes: nodes.clone(),
+        reconcile_all,
+        fanned_out: Mutex::default(),
+        failures: Mutex::default(),
+    });
+
+    let main = async move {
+        // Without the full node list every monitor would look conflict-free.
+        nodes
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::Config("node cache never became ready".into()))?;
+        tracing::info!("node cache ready; starting BioMonitor controller");
+        controller
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                match res {
+                    Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                    Err(err) => tracing::debug!(error = %err, "controller event"),
+                }
+            })
+            .await;
+        Ok(())
+    };
+
+    tokio::select! {
+        res = main => res,
+        _ = node_watch => Err(Error::Config("node watch ended".into())),
+    }
+}
+
+pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciliations.inc();
+    let started = Instant::now();
+    let obj_ref = ObjectRef::from_obj(bm.as_ref());
+    let namespace = bm
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<BioMonitor> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let result = finalizer(&api, names::FINALIZER, bm, |event| async {
+        match event {
+            FinalizerEvent::Apply(bm) => apply(bm, &ctx).await,
+            FinalizerEvent::Cleanup(bm) => cleanup(bm, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&obj_ref);
+    }
+    result
+}
+
+/// Exponential backoff per object: 5s, 10s, 20s, ... capped at 5 minutes, so a
+/// persistent error (RBAC, admission webhook) never becomes a hot loop.
+pub fn backoff(consecutive_failures: u32) -> Duration {
+    let exp = consecutive_failures.saturating_sub(1).min(6);
+    Duration::from_secs(5 * 2u64.pow(exp)).min(Duration::from_secs(300))
+}
+
+pub fn error_policy(bm: Arc<BioMonitor>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(err.metric_label());
+    let failures = {
+        let mut map = lock(&ctx.failures);
+        let n = map.entry(ObjectRef::from_obj(bm.as_ref())).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
+    tracing::warn!(
+        biomonitor = %ObjectRef::from_obj(bm.as_ref()),
+        error = %err,
+        failures,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these maps cannot leave them inconsistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(names::FIELD_MANAGER).force()
+}
+
+async fn apply_namespaced<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    Ok(api
+        .patch(&name, &apply_params(), &Patch::Apply(obj))
+        .await?)
+}
+
+/// Deletes `name`; already gone is fine.
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
+    let client = &ctx.client;
+    let namespace = bm
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let generation = bm.metadata.generation;
+    fan_out_on_spec_change(&bm, ctx);
+
+    let invalid_spec = validate_spec(&bm.spec).err();
+    let verdict = {
+        let monitors = ctx.monitors.state();
+        let nodes = ctx.nodes.state();
+        let monitors: Vec<&BioMonitor> = monitors.iter().map(AsRef::as_ref).collect();
+        let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
+        conflict::verdict(&bm, &monitors, &nodes)
+    };
+    let node_conflict = match &verdict {
+        Verdict::Blocked(conflicts) => Some(conflict::describe(conflicts)),
+        Verdict::Active => None,
+    };
+    let ds_api: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
+    let ds_name = names::child_name(&bm);
+
+    let (daemonset, service_monitor) = if invalid_spec.is_some() {
+        // Leave the last valid configuration running rather than tearing
+        // down monitoring over a typo; report what is there.
+        let ds = match ds_api.get_opt(&ds_name).await? {
+            Some(ds) => DaemonSetState::Observed {
+                generation: ds.metadata.generation,
+                status: ds.status,
+            },
+            None => DaemonSetState::Missing,
+        };
+        (ds, ServiceMonitorState::Unchanged)
+    } else {
+        let children = resources::desired(&bm, &ctx.settings)?;
+        apply_namespaced(client, &namespace, &children.service_account).await?;
+        apply_cluster_role_binding(&bm, ctx, children.cluster_role_binding.as_ref()).await?;
+        apply_namespaced(client, &namespace, &children.service).await?;
+        let sm = apply_service_monitor(&bm, ctx, children.service_monitor.as_ref()).await?;
+        let ds = if let Some(message) = &node_conflict {
+            delete_ignoring_missing(&ds_api, &ds_name).await?;
+            DaemonSetState::NotRolledOut {
+                reason: conditions::reason::NODE_CONFLICT,
+                message: message.clone(),
+            }
+        } else {
+            let ds = apply_namespaced(client, &namespace, &children.daemonset).await?;
+            DaemonSetState::Observed {
+                generation: ds.metadata.generation,
+                status: ds.status,
+            }
+        };
+        (ds, sm)
+    };
+
+    let crd_missing = service_monitor == ServiceMonitorState::CrdNotInstalled;
+    let observation = Observation {
+        generation,
+        invalid_spec,
+        node_conflict,
+        daemonset,
+        service_monitor,
+    };
+    let now = Time(
+        Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
+    );
+    let status = compute_status(bm.status.as_ref(), &observation, &now);
+    publish_transition_events(&bm, ctx, bm.status.as_ref(), &status).await;
+    if bm.status.as_ref() != Some(&status) {
+        let api: Api<BioMonitor> = Api::namespaced(client.clone(), &namespace);
+        api.patch_status(
+            &bm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await?;
+    }
+
+    Ok(Action::requeue(if crd_missing {
+        // Nothing watches for the ServiceMonitor CRD to appear; poll for it.
+        ctx.settings.crd_missing_retry
+    } else {
+        ctx.settings.resync_interval
+    }))
+}
+
+fn fan_out_on_spec_change(bm: &BioMonitor, ctx: &Context) {
+    let (Some(uid), Some(generation)) = (bm.uid(), bm.metadata.generation) else {
+        return;
+    };
+    let observed = bm.status.as_ref().and_then(|s| s.observed_generation);
+    if observed == Some(generation) {
+        return;
+    }
+    let mut fanned = lock(&ctx.fanned_out);
+    if fanned.get(&uid) != Some(&generation) {
+        fanned.insert(uid, generation);
+        // Unbounded and only closed when the controller stops: ignore errors.
+        let _ = ctx.reconcile_all.unbounded_send(());
+    }
+}
+
+async fn apply_cluster_role_binding(
+    bm: &BioMonitor,
+    ctx: &Context,
+    desired: Option<&ClusterRoleBinding>,
+) -> Result<()> {
+    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+    match desired {
+        Some(crb) => {
+            let name = crb.name_any();
+            api.patch(&name, &apply_params(), &Patch::Apply(crb))
+                .await?;
+        }
+        None => delete_ignoring_missing(&api, &names::cluster_role_binding_name(bm)).await?,
+    }
+    Ok(())
+}
+
+async fn apply_service_monitor(
+    bm: &BioMonitor,
+    ctx: &Context,
+    desired: Option<&ServiceMonitor>,
+) -> Result<ServiceMonitorState> {
+    let namespace = bm.namespace().unwrap_or_default();
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &namespace,
+        &servicemonitor::api_resource(),
+    );
+    let name = names::child_name(bm);
+    let result = match desired {
+        Some(sm) => api
+            .patch(&name, &apply_params(), &Patch::Apply(sm))
+            .await
+            .map(|_| ServiceMonitorState::Applied),
+        None => api
+            .delete(&name, &DeleteParams::background())
+            .await
+            .map(|_| ServiceMonitorState::Disabled),
+    };
+    match result {
+        Ok(state) => Ok(state),
+        // 404 on apply: the resource type itself is unknown.
+        Err(e) if is_not_found(&e) && desired.is_some() => Ok(ServiceMonitorState::CrdNotInstalled),
+        Err(e) if is_not_found(&e) => Ok(ServiceMonitorState::Disabled),
+        // Rejections (RBAC, admission, validation) will not fix themselves
+        // on retry: surface them on the condition instead of erroring out,
+        // so the DaemonSet is still reconciled.
+        Err(kube::Error::Api(status)) => Ok(ServiceMonitorState::Failed(format!(
+            "applying the ServiceMonitor failed: {} ({})",
+            status.message, status.reason
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
+    // Namespaced children go with their owner references; only the
+    // cluster-scoped binding needs deleting by hand.
+    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+    delete_ignoring_missing(&api, &names::cluster_role_binding_name(&bm)).await?;
+    if let Some(uid) = bm.uid() {
+        lock(&ctx.fanned_out).remove(&uid);
+    }
+    // A monitor blocked by this one may now be rolled out.
+    let _ = ctx.reconcile_all.unbounded_send(());
+    tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "cleaned up cluster-scoped resources");
+    Ok(Action::await_change())
+}
+
+/// One Warning per transition into a bad state, not one per reconcile.
+async fn publish_transition_events(
+    bm: &BioMonitor,
+    ctx: &Context,
+    old: Option<&BioMonitorStatus>,
+    new: &BioMonitorStatus,
+) {
+    let reason_of = |s: Option<&BioMonitorStatus>, t: &str| {
+        s.and_then(|s| s.condition(t)).map(|c| c.reason.clone())
+    };
+    let mut events = Vec::new();
+    for (type_, bad) in [
+        (conditions::READY, conditions::reason::INVALID_SPEC),
+        (conditions::READY, conditions::reason::NODE_CONFLICT),
+        (
+            conditions::SERVICE_MONITOR_READY,
+            conditions::reason::CRD_NOT_INSTALLED,
+        ),
+    ] {
+        let now = reason_of(Some(new), type_);
+        if now.as_deref() == Some(bad) && reason_of(old, type_).as_deref() != Some(bad) {
+            let note = new.condition(type_).map(|c| c.message.clone());
+            events.push((bad, note));
+        }
+    }
+    for (reason, note) in events {
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note,
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &bm.object_ref(&())).await {
+            tracing::warn!(error = %err, reason, "could not publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(7), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+        assert_eq!(backoff(0), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,461 @@
+//! The `BioMonitor` API (bioexporter.io/v1alpha1): the only contract users
+//! see, so every field documents itself in the generated schema and the API
+//! server rejects what it can before the operator ever sees it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{ResourceRequirements, Toleration},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted BioMonitor name. Children are called `<name>-agent` and a
+/// Service name is a DNS-1035 label (at most 63 characters).
+pub const MAX_NAME_LEN: usize = 57;
+
+/// Default port of the node-agent's /metrics endpoint.
+pub const DEFAULT_AGENT_PORT: i32 = 9435;
+
+/// Runs the eBPF block-IO node-agent on a set of nodes and wires its metrics
+/// into Prometheus (Service + ServiceMonitor).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "bioexporter.io",
+    version = "v1alpha1",
+    kind = "BioMonitor",
+    plural = "biomonitors",
+    shortname = "biomon",
+    category = "bioexporter",
+    namespaced,
+    status = "BioMonitorStatus",
+    derive = "PartialEq",
+    doc = "BioMonitor runs the bio-exporter eBPF block-IO node-agent on the selected nodes and exposes its metrics to Prometheus.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        description = "node-agents ready/desired",
+        json_path = ".status.nodes"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // Names flow into Service names (DNS-1035) and label values (<= 63
+    // chars); rejecting them here beats a reconcile that can never succeed.
+    validation = Rule::new(
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 57"
+    )
+    .message("metadata.name must be a DNS-1035 label of at most 57 characters (lowercase letters, digits, '-', starting with a letter)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BioMonitorSpec {
+    /// Node labels an agent pod's node must carry (`kubernetes.io/os: linux` is always added).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the agent pods. The default tolerates every taint, like a
+    /// node exporter: block devices on tainted nodes are worth watching too.
+    #[serde(default = "default_tolerations")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Which block devices (by kernel name, e.g. `nvme0n1`, `dm-3`) the agent reports.
+    #[serde(default)]
+    pub devices: DeviceFilter,
+
+    /// How the agent attaches to the block layer. `auto` picks the best the kernel offers.
+    #[serde(default)]
+    pub attach: AttachMode,
+
+    /// Label series with the PersistentVolume/PVC a device backs (needs the
+    /// kubelet directory mounted and read access to PersistentVolumes).
+    #[serde(default = "default_true")]
+    pub persistent_volume_labels: bool,
+
+    /// The node-agent container.
+    #[serde(default)]
+    pub agent: AgentSpec,
+
+    /// The Prometheus Operator ServiceMonitor that scrapes the agents.
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+impl Default for BioMonitorSpec {
+    fn default() -> Self {
+        Self {
+            node_selector: BTreeMap::new(),
+            tolerations: default_tolerations(),
+            devices: DeviceFilter::default(),
+            attach: AttachMode::default(),
+            persistent_volume_labels: true,
+            agent: AgentSpec::default(),
+            service_monitor: ServiceMonitorSpec::default(),
+        }
+    }
+}
+
+/// Device filters; both lists hold regular expressions (Rust `regex` syntax,
+/// unanchored) matched against the kernel device name. Exclude wins.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceFilter {
+    /// Report only devices matching at least one of these. Empty: all devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
+    pub include: Vec<String>,
+
+    /// Never report devices matching any of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
+    pub exclude: Vec<String>,
+}
+
+/// Kernel hook the agent attaches its BPF programs to.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// Try tp_btf, then raw_tp, then tracepoint, then kprobe.
+    #[default]
+    Auto,
+    /// BTF-enabled raw tracepoints (kernel >= 5.5 with BTF).
+    TpBtf,
+    /// Raw tracepoints (kernel >= 4.17).
+    RawTp,
+    /// Classic tracepoints through tracefs.
+    Tracepoint,
+    /// Kprobes on block-layer functions; last resort, kernel-version sensitive.
+    Kprobe,
+}
+
+impl AttachMode {
+    /// The value the node-agent's `--attach` flag expects.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::TpBtf => "tp_btf",
+            Self::RawTp => "raw_tp",
+            Self::Tracepoint => "tracepoint",
+            Self::Kprobe => "kprobe",
+        }
+    }
+
+    /// Classic tracepoints are resolved through tracefs; `auto` may fall back
+    /// to them, so it needs tracefs too.
+    pub fn needs_tracefs(self) -> bool {
+        matches!(self, Self::Auto | Self::Tracepoint)
+    }
+}
+
+/// Log verbosity of the node-agent.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// Same values as a container's `imagePullPolicy`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// The node-agent container.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.extraCapabilities) || self.extraCapabilities.all(c, !c.startsWith('CAP_'))",
+    "message": "extraCapabilities are named without the CAP_ prefix, e.g. SYS_RESOURCE"
+}]))]
+pub struct AgentSpec {
+    /// Agent image. Empty: the operator's default (its `--agent-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Image pull policy of the agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+
+    /// Resources of the agent container. Empty: small requests and a memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Port of /metrics, /healthz and /readyz inside the pod. Ports below 1024
+    /// would need CAP_NET_BIND_SERVICE, which the agent does not get.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+
+    /// Run the agent as a privileged container. Needed on kernels older than
+    /// 5.8, which lack CAP_BPF and CAP_PERFMON.
+    #[serde(default)]
+    pub privileged: bool,
+
+    /// Linux capabilities added to BPF and PERFMON, without the CAP_ prefix.
+    /// Kernels 5.8-5.10 charge BPF maps to RLIMIT_MEMLOCK: add SYS_RESOURCE there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(pattern(r"^[A-Z][A-Z0-9_]*$"), length(max = 32))
+    )]
+    pub extra_capabilities: Vec<String>,
+
+    /// PriorityClass of the agent pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Log level of the agent.
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            resources: None,
+            port: DEFAULT_AGENT_PORT,
+            privileged: false,
+            extra_capabilities: Vec::new(),
+            priority_class_name: None,
+            log_level: LogLevel::default(),
+        }
+    }
+}
+
+/// Prometheus Operator ServiceMonitor for the agents.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.interval) || !has(self.scrapeTimeout) || duration(self.scrapeTimeout) <= duration(self.interval)",
+    "message": "scrapeTimeout must not be longer than interval"
+}]))]
+pub struct ServiceMonitorSpec {
+    /// Create the ServiceMonitor. It needs the Prometheus Operator's CRDs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Scrape interval, e.g. `30s` or `1m`. Empty: Prometheus' default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"), length(max = 32))]
+    pub interval: Option<String>,
+
+    /// Scrape timeout, at most `interval`. Empty: Prometheus' default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"), length(max = 32))]
+    pub scrape_timeout: Option<String>,
+
+    /// Extra labels on the ServiceMonitor, e.g. what your Prometheus'
+    /// `serviceMonitorSelector` matches (`release: prometheus`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for ServiceMonitorSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: None,
+            scrape_timeout: None,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Observed state, written only by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BioMonitorStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`, `DaemonSetReady` and `ServiceMonitorReady`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Nodes that should run an agent (DaemonSet desiredNumberScheduled).
+    #[serde(default)]
+    pub desired_nodes: i32,
+
+    /// Nodes whose agent is ready (DaemonSet numberReady).
+    #[serde(default)]
+    pub ready_nodes: i32,
+
+    /// `readyNodes/desiredNodes`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<String>,
+}
+
+impl BioMonitorStatus {
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+pub fn default_tolerations() -> Vec<Toleration> {
+    vec![Toleration {
+        operator: Some("Exists".into()),
+        ..Toleration::default()
+    }]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_port() -> i32 {
+    DEFAULT_AGENT_PORT
+}
+
+/// File name of the generated CRD, in `crds/` and in the chart's `crds/`.
+pub const CRD_FILE_NAME: &str = "biomonitors.bioexporter.io.yaml";
+
+/// The CRD as the operator applies it at start-up.
+pub fn crd() -> CustomResourceDefinition {
+    BioMonitor::crd()
+}
+
+/// The CRD as committed under `crds/`: a header plus YAML.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml_ng::to_string(&crd()).expect("a CRD always serializes to YAML");
+    format!(
+        "# Generated from operator/src/crd.rs by `cargo run -p bio-operator --bin crdgen -- --update`.\n\
+         # Do not edit by hand: edit the Rust types and regenerate.\n\
+         {body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn repo_file(rel: &str) -> String {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(rel);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    const REGENERATE: &str = "regenerate with `cargo run -p bio-operator --bin crdgen -- --update`";
+
+    #[test]
+    fn committed_crd_is_fresh() {
+        assert!(
+            repo_file(&format!("crds/{CRD_FILE_NAME}")) == crd_yaml(),
+            "crds/{CRD_FILE_NAME} is stale: {REGENERATE}"
+        );
+    }
+
+    #[test]
+    fn chart_ships_the_same_crd() {
+        assert!(
+            repo_file(&format!("charts/bio-exporter/crds/{CRD_FILE_NAME}"))
+                == repo_file(&format!("crds/{CRD_FILE_NAME}")),
+            "charts/bio-exporter/crds/{CRD_FILE_NAME} differs from crds/: {REGENERATE}"
+        );
+    }
+
+    #[test]
+    fn names_and_columns_are_the_documented_contract() {
+        let crd = crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("biomonitors.bioexporter.io")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.kind, "BioMonitor");
+        assert_eq!(crd.spec.names.plural, "biomonitors");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["biomon".to_string()]));
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Ready", "Nodes", "Age"]);
+    }
+
+    #[test]
+    fn omitted_fields_take_documented_defaults() {
+        let bm: BioMonitor = serde_json::from_value(serde_json::json!({
+            "apiVersion": "bioexporter.io/v1alpha1",
+            "kind": "BioMonitor",
+            "metadata": {"name": "disks", "namespace": "monitoring"},
+            "spec": {}
+        }))
+        .unwrap();
+        assert_eq!(bm.spec, BioMonitorSpec::default());
+        assert_eq!(bm.spec.tolerations, default_tolerations());
+        assert_eq!(bm.spec.attach, AttachMode::Auto);
+        assert!(bm.spec.persistent_volume_labels);
+        assert_eq!(bm.spec.agent.port, 9435);
+        assert!(!bm.spec.agent.privileged);
+        assert!(bm.spec.service_monitor.enabled);
+    }
+
+    #[test]
+    fn schema_defaults_match_serde_defaults() {
+        // The API server fills defaults from the schema, the operator from
+        // serde: both must agree or objects would change meaning on read.
+        let crd = serde_json::to_value(crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        assert_eq!(spec["attach"]["default"], "auto");
+        assert_eq!(spec["persistentVolumeLabels"]["default"], true);
+        assert_eq!(
+            spec["tolerations"]["default"],
+            serde_json::json!([{"operator": "Exists"}])
+        );
+        assert_eq!(spec["agent"]["properties"]["port"]["default"], 9435);
+        assert_eq!(spec["agent"]["properties"]["port"]["minimum"], 1024.0);
+        assert_eq!(spec["agent"]["properties"]["port"]["maximum"], 65535.0);
+        assert_eq!(
+            spec["serviceMonitor"]["properties"]["enabled"]["default"],
+            true
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! One error type for the crate, so reconcile failures can be counted by kind.
+
+use kube::runtime::finalizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("finalizer handling failed: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+
+    #[error("object is missing {0}")]
+    MissingField(&'static str),
+
+    #[error("could not serialize object: {0}")]
+    Serialize(#[from] serde_json::Error),
+
+    #[error("leadership lost: {0}")]
+    LeadershipLost(String),
+
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+
+    #[error("configuration error: {0}")]
+    Config(String),
+
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Low-cardinality label for the reconcile-error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
+                _ => "finalizer",
+            },
+            Self::MissingField(_) => "missing_field",
+            Self::Serialize(_) => "serialize",
+            Self::LeadershipLost(_) => "leadership",
+            Self::Timeout(_) => "timeout",
+            Self::Config(_) => "config",
+            Self::Io(_) => "io",
+        }
+    }
+}
+
+/// True when the API server answered 404: the object, or its whole resource
+/// type (an uninstalled CRD), does not exist.
+pub fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}
