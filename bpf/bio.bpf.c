@@ -245,6 +245,15 @@ static __always_inline void rq_issued(__u64 id, unsigned long queue_flags, __u32
  */
 static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_bytes, int error)
 {
+	/*
+	 * A write with PREFLUSH/FUA runs as a flush sequence: its data completes first (observed
+	 * then), and when the sequence ends the kernel completes the request again with no bytes left.
+	 * That second step is not another IO: /sys/block/DEV/stat does not count it either.
+	 */
+	if (nr_bytes == 0 && rq->remaining_bytes == 0 &&
+	    rq->op == bpf_core_enum_value(enum req_op, REQ_OP_WRITE))
+		return;
+
 	__u64 now = bpf_ktime_get_ns();
 	__u64 start_ns = rq->io_start_ns;
 	__u32 bytes = nr_bytes;
@@ -473,6 +482,21 @@ static __always_inline __u32 classic_op(const char *rwbs)
 	}
 }
 
+/* Requests without a position (flushes) report sector 0 at issue but -1 at completion. */
+#define NO_SECTOR (~0ULL)
+static __always_inline __u64 normalize_sector(__u64 sector)
+{
+	return sector == NO_SECTOR ? 0 : sector;
+}
+
+static __always_inline __u32 classic_op_at(void *ctx, __u32 rwbs_offset)
+{
+	char rwbs[RWBS_LEN] = {};
+
+	TP_FIELD(ctx, rwbs_offset, rwbs);
+	return classic_op(rwbs);
+}
+
 SEC("tracepoint/block/block_rq_issue")
 int tp_rq_issue(void *ctx)
 {
@@ -486,7 +510,7 @@ int tp_rq_issue(void *ctx)
 	TP_FIELD(ctx, tp_issue_fields.sector, sector);
 	TP_FIELD(ctx, tp_issue_fields.bytes, val.bytes);
 	TP_FIELD(ctx, tp_issue_fields.rwbs, rwbs);
-	key.id = sector;
+	key.id = normalize_sector(sector);
 
 	/* A request re-issued after a partial completion continues: keep its start and bytes. */
 	old = bpf_map_lookup_elem(&starts, &key);
@@ -513,7 +537,11 @@ int tp_rq_complete(void *ctx)
 	TP_FIELD(ctx, tp_complete_fields.sector, sector);
 	TP_FIELD(ctx, tp_complete_fields.nr_sector, nr_sector);
 	TP_FIELD(ctx, tp_complete_fields.error, error);
-	key.id = sector;
+	key.id = normalize_sector(sector);
+
+	/* The end of a write's flush sequence; see rq_completed(). */
+	if (nr_sector == 0 && classic_op_at(ctx, tp_complete_fields.rwbs) == CLASSIC_OP_WRITE)
+		return 0;
 
 	if (!take_start(&key, &v)) {
 		count_lost(LOST_NO_START_TIME);

@@ -73,7 +73,9 @@ impl DeviceFilter {
             patterns
                 .iter()
                 .map(|p| {
-                    Regex::new(&format!("^(?:{p})$"))
+                    // Checked alone first, so the error points into the user's own text.
+                    Regex::new(p)
+                        .and_then(|_| Regex::new(&format!("^(?:{p})$")))
                         .map_err(|source| InvalidDeviceRegex { pattern: p.clone(), source })
                 })
                 .collect::<Result<Vec<_>, _>>()

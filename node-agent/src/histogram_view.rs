@@ -144,7 +144,7 @@ mod tests {
         hist.latency_slots[40] = 2; // beyond the last finite bound
         hist.size_slots[2] = 6;
         let named = vec![NamedHist { device: "loop0".into(), operation: "read".into(), hist }];
-        let text = render_text(named, [0; 4], &Labels { node: "n".into(), attach_mode: "tp_btf".into() });
+        let text = render_text(named, &crate::snapshot::Snapshot::default(), &Labels { node: "n".into(), attach_mode: "tp_btf".into() });
         let parsed = parse_exposition(&text);
         assert_eq!(parsed.len(), 1);
         let h = &parsed[0].hist;

@@ -85,7 +85,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         let source = state2.source.get().expect("checked above");
         source.reader.snapshot().map(|snap| {
             let hists = name_hists(&snap, &source.namer, &source.filter, &source.ops);
-            render_text(hists, snap.lost, &source.labels)
+            render_text(hists, &snap, &source.labels)
         })
     })
     .await;

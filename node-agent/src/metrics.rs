@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 
 use crate::devices::{DeviceFilter, DeviceNamer};
 use crate::ops::OpNames;
-use crate::snapshot::{DeviceOpHist, Snapshot, LOG2_SLOTS, LOST_REASONS};
+use crate::snapshot::{DeviceOpHist, Snapshot, INFLIGHT_TABLES, LOG2_SLOTS, LOST_REASONS};
 
 pub const LATENCY_NAME: &str = "ebpf_bio_req_latency";
 pub const LATENCY_HELP: &str = "A histogram of bio request latencies in microseconds.";
@@ -72,6 +72,7 @@ fn classic_buckets(slots: &[u64; LOG2_SLOTS], max_log2: usize) -> Vec<(f64, u64)
 struct BioCollector {
     hists: Vec<NamedHist>,
     lost: [u64; LOST_REASONS.len()],
+    inflight: [u64; INFLIGHT_TABLES.len()],
     labels: Labels,
 }
 
@@ -135,6 +136,18 @@ impl Collector for BioCollector {
         }
         {
             let mut family = encoder.encode_descriptor(
+                "ebpf_bio_inflight_entries",
+                "Entries in the kernel's in-flight tables: IOs whose issue time or partial bytes are held until completion.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (table, n) in INFLIGHT_TABLES.iter().zip(self.inflight) {
+                let labels = [("table", table.to_string()), ("node", self.labels.node.clone())];
+                family.encode_family(&labels)?.encode_gauge(&(n as i64))?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
                 "ebpf_bio_attach",
                 "How the agent attached to the block layer (value 1).",
                 None,
@@ -148,9 +161,14 @@ impl Collector for BioCollector {
 }
 
 /// Renders the Prometheus text format 0.0.4.
-pub fn render_text(hists: Vec<NamedHist>, lost: [u64; LOST_REASONS.len()], labels: &Labels) -> String {
+pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(BioCollector { hists, lost, labels: labels.clone() }));
+    registry.register_collector(Box::new(BioCollector {
+        hists,
+        lost: snapshot.lost,
+        inflight: snapshot.inflight,
+        labels: labels.clone(),
+    }));
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
         .expect("writing to a String cannot fail");
@@ -199,7 +217,7 @@ mod tests {
 
     #[test]
     fn seed_names_help_type_and_le_strings() {
-        let text = render_text(vec![hist("sda", "write", |h| h.latency_slots[6] = 1)], [0; 4], &labels());
+        let text = render_text(vec![hist("sda", "write", |h| h.latency_slots[6] = 1)], &Snapshot::default(), &labels());
         assert!(text.contains("# HELP ebpf_bio_req_latency A histogram of bio request latencies in microseconds.\n"));
         assert!(text.contains("# TYPE ebpf_bio_req_latency histogram\n"));
         assert!(text.contains("# HELP ebpf_bio_req_size A histogram of bio request sizes in KiB.\n"));
@@ -224,7 +242,7 @@ mod tests {
                 h.latency_sum_ns = 1_500;
                 h.size_sum_bytes = 7 * 4096 + (64 << 20);
             })],
-            [0; 4],
+            &Snapshot::default(),
             &labels(),
         );
         let line = |s: &str| text.lines().find(|l| l.starts_with(s)).unwrap_or_else(|| panic!("{s} in {text}")).to_string();
@@ -235,18 +253,24 @@ mod tests {
         assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"2.147483648e+09\"}}")).ends_with(" 7"));
         assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"+Inf\"}}")).ends_with(" 8"));
         assert!(line(&format!("ebpf_bio_req_latency_count{series}}}")).ends_with(" 8"));
-        assert!(line(&format!("ebpf_bio_req_latency_sum{series}}}")).ends_with(" 1.5"));
+        let value = |s: &str| line(s).rsplit_once(' ').unwrap().1.parse::<f64>().unwrap();
+        assert_eq!(value(&format!("ebpf_bio_req_latency_sum{series}}}")), 1.5);
         assert!(line(&format!("ebpf_bio_req_size_bucket{series},le=\"32768\"}}")).ends_with(" 7"));
         assert!(line(&format!("ebpf_bio_req_size_bucket{series},le=\"+Inf\"}}")).ends_with(" 8"));
-        assert!(line(&format!("ebpf_bio_req_size_sum{series}}}")).ends_with(" 65564"));
+        assert_eq!(value(&format!("ebpf_bio_req_size_sum{series}}}")), 65564.0);
     }
 
     #[test]
     fn errors_lost_and_attach_mode_are_exported() {
-        let text = render_text(vec![hist("vda", "flush", |h| h.errors = 3)], [1, 2, 0, 0], &labels());
+        let text = render_text(
+            vec![hist("vda", "flush", |h| h.errors = 3)],
+            &Snapshot { hists: vec![], lost: [1, 2, 0, 0], inflight: [5, 0] },
+            &labels(),
+        );
         assert!(text.contains("ebpf_bio_req_errors_total{device=\"vda\",operation=\"flush\",node=\"n1\"} 3\n"), "{text}");
         assert!(text.contains("ebpf_bio_lost_events_total{reason=\"no_start_time\",node=\"n1\"} 2\n"), "{text}");
         assert!(text.contains("ebpf_bio_attach_info{mode=\"tp_btf\",node=\"n1\"} 1\n"), "{text}");
+        assert!(text.contains("ebpf_bio_inflight_entries{table=\"starts\",node=\"n1\"} 5\n"), "{text}");
     }
 
     #[test]
@@ -256,7 +280,7 @@ mod tests {
         a.latency_slots[1] = 1;
         let mut b = a.clone();
         b.dev = mkdev(7, 1);
-        let snap = Snapshot { hists: vec![a.clone(), b, a], lost: [0; 4] };
+        let snap = Snapshot { hists: vec![a.clone(), b, a], ..Default::default() };
         let namer = DeviceNamer::new("/nonexistent");
         let ops = OpNames::current_kernel();
         let all = name_hists(&snap, &namer, &DeviceFilter::default(), &ops);

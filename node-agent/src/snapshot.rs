@@ -12,6 +12,9 @@ pub const HIST_KEY_SIZE: usize = 8;
 /// Names of `enum lost_reason`, in order; exported as the `reason` label.
 pub const LOST_REASONS: [&str; 4] = ["start_map_full", "no_start_time", "hist_map_full", "partial_map_full"];
 
+/// The kernel's in-flight tables, as the `table` label.
+pub const INFLIGHT_TABLES: [&str; 2] = ["starts", "partials"];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceOpHist {
     /// Kernel-internal dev_t of the whole disk.
@@ -93,6 +96,8 @@ pub struct Snapshot {
     pub hists: Vec<DeviceOpHist>,
     /// Indexed like LOST_REASONS.
     pub lost: [u64; LOST_REASONS.len()],
+    /// Entries in the start and partial tables, indexed like INFLIGHT_TABLES.
+    pub inflight: [u64; INFLIGHT_TABLES.len()],
 }
 
 #[cfg(test)]

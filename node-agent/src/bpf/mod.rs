@@ -112,6 +112,8 @@ impl Attached {
 pub struct MapReader {
     hists: MapHandle,
     lost: MapHandle,
+    /// The object's .bss: the in-flight entry counters the programs keep.
+    bss: MapHandle,
 }
 
 impl Clone for MapReader {
@@ -119,6 +121,7 @@ impl Clone for MapReader {
         Self {
             hists: MapHandle::try_from(&self.hists).expect("dup of an open map fd"),
             lost: MapHandle::try_from(&self.lost).expect("dup of an open map fd"),
+            bss: MapHandle::try_from(&self.bss).expect("dup of an open map fd"),
         }
     }
 }
@@ -153,7 +156,15 @@ impl MapReader {
                 .unwrap_or_default();
             *slot = per_cpu.iter().filter_map(|v| v.get(..8)).map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes"))).sum();
         }
-        Ok(Snapshot { hists, lost })
+        let bss = self
+            .bss
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| BpfError::MapRead { map: ".bss", source })?
+            .unwrap_or_default();
+        let word = |i: usize| bss.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
+        // start_entries and partial_entries lead .bss, in declaration order.
+        let inflight = [word(0), word(1)];
+        Ok(Snapshot { hists, lost, inflight })
     }
 }
 
@@ -276,6 +287,7 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
     let maps = MapReader {
         hists: MapHandle::try_from(&skel.maps.hists).map_err(|e| e.to_string())?,
         lost: MapHandle::try_from(&skel.maps.lost_events).map_err(|e| e.to_string())?,
+        bss: MapHandle::try_from(&skel.maps.bss).map_err(|e| e.to_string())?,
     };
     Ok(Attached { mode, facts: facts.clone(), _links: links, _skel: skel, maps })
 }

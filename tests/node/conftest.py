@@ -1,0 +1,234 @@
+"""Fixtures for the node-agent system tests: real BPF on real loop and zram devices.
+
+Everything here runs as root on the test machine and cleans up after itself: loop devices are
+backed by files in /dev/shm, zram devices are hot-added for the test and removed afterwards
+(never an existing one).
+"""
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/bio-exporter/target"))
+AGENT_BIN = os.environ.get("BIO_AGENT_BIN", os.path.join(TARGET, "debug", "node-agent"))
+
+# /sys/block/DEV/stat columns (Documentation/block/stat.rst).
+STAT_FIELDS = [
+    "read_ios", "read_merges", "read_sectors", "read_ticks",
+    "write_ios", "write_merges", "write_sectors", "write_ticks",
+    "in_flight", "io_ticks", "time_in_queue",
+    "discard_ios", "discard_merges", "discard_sectors", "discard_ticks",
+    "flush_ios", "flush_ticks",
+]
+
+SERIES_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def require_root():
+    if os.geteuid() != 0:
+        pytest.skip("SKIPPED LOUDLY: these tests load BPF programs and create block devices; run them as root (make test)")
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_stat(dev):
+    with open(f"/sys/block/{dev}/stat") as f:
+        values = [int(v) for v in f.read().split()]
+    return dict(zip(STAT_FIELDS, values))
+
+
+def stat_delta(before, after):
+    return {k: after[k] - before[k] for k in before}
+
+
+def parse_metrics(text):
+    """[(name, {labels}, value)] for every sample line."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SERIES_RE.match(line)
+        assert m, f"unparseable exposition line: {line!r}"
+        labels = dict(LABEL_RE.findall(m.group(2) or ""))
+        samples.append((m.group(1), labels, float(m.group(3))))
+    return samples
+
+
+def sample(samples, name, **labels):
+    """The value of the one sample with this name and (a subset of) labels, or 0 when absent."""
+    found = [v for n, l, v in samples if n == name and all(l.get(k) == v2 for k, v2 in labels.items())]
+    assert len(found) <= 1, f"{name}{labels} matched {len(found)} samples"
+    return found[0] if found else 0.0
+
+
+class Agent:
+    def __init__(self, args, env=None, wrapper=(), binary=AGENT_BIN):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="node-agent-", suffix=".log", delete=False)
+        cmd = [*wrapper, binary, "--listen", f"127.0.0.1:{self.port}", "--node-name", "test-node", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
+            with contextlib.suppress(OSError):
+                if self.get("/readyz")[0] == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"agent not ready after 30s:\n{self.logs()}")
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status, r.read().decode(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), dict(e.headers)
+
+    def metrics_text(self):
+        status, body, _ = self.get("/metrics")
+        assert status == 200, body
+        return body
+
+    def samples(self):
+        return parse_metrics(self.metrics_text())
+
+    def logs(self):
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_setup():
+    require_root()
+    assert os.path.exists(AGENT_BIN), f"{AGENT_BIN} is missing: build with `make build` (or set BIO_AGENT_BIN)"
+    # Classic tracepoints read record layouts from tracefs; mount it like a node would have it.
+    if not os.path.isdir("/sys/kernel/tracing/events/block"):
+        sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
+    yield
+
+
+@pytest.fixture
+def agent_factory():
+    agents = []
+
+    def start(*args, **kw):
+        a = Agent(list(args), **kw)
+        agents.append(a)
+        return a
+
+    yield start
+    for a in agents:
+        a.stop()
+
+
+@pytest.fixture
+def agent(agent_factory):
+    return agent_factory()
+
+
+class LoopDevice:
+    def __init__(self, size_bytes, direct_io=True):
+        fd, self.backing = tempfile.mkstemp(prefix="bio-test-", suffix=".img", dir="/dev/shm")
+        os.close(fd)
+        os.truncate(self.backing, size_bytes)
+        args = ["losetup", "--find", "--show"]
+        if direct_io:
+            args.append("--direct-io=on")
+        self.path = sh(*args, self.backing).stdout.strip()
+        self.name = os.path.basename(self.path)
+
+    def detach(self):
+        sh("losetup", "-d", self.path, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.backing)
+
+
+@pytest.fixture
+def loop_factory():
+    devices = []
+
+    def make(size_bytes=64 << 20, direct_io=True):
+        d = LoopDevice(size_bytes, direct_io)
+        devices.append(d)
+        return d
+
+    yield make
+    for d in devices:
+        d.detach()
+
+
+@pytest.fixture
+def loop(loop_factory):
+    return loop_factory()
+
+
+@pytest.fixture
+def zram():
+    """A zram device of our own, hot-added and removed again."""
+    control = "/sys/class/zram-control/hot_add"
+    if not os.path.exists(control):
+        pytest.skip("SKIPPED LOUDLY: no zram-control in sysfs (kernel without CONFIG_ZRAM)")
+    with open(control) as f:
+        idx = int(f.read().strip())
+    name = f"zram{idx}"
+    with open(f"/sys/block/{name}/disksize", "w") as f:
+        f.write(str(64 << 20))
+    yield name
+    with contextlib.suppress(OSError):
+        with open(f"/sys/block/{name}/reset", "w") as f:
+            f.write("1")
+    with contextlib.suppress(OSError):
+        with open("/sys/class/zram-control/hot_remove", "w") as f:
+            f.write(str(idx))
+
+
+def direct_io(path, op, block_size, count, offset=0):
+    """O_DIRECT reads or writes of exactly block_size bytes each."""
+    flag = "iflag=direct" if op == "read" else "oflag=direct"
+    src, dst = (path, "/dev/null") if op == "read" else ("/dev/zero", path)
+    skip = f"skip={offset // block_size}" if op == "read" else f"seek={offset // block_size}"
+    sh("dd", f"if={src}", f"of={dst}", f"bs={block_size}", f"count={count}", skip, flag, "status=none")
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def require_tool(name):
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} is not installed: run `make deps`")

@@ -1,0 +1,143 @@
+"""The kernel-side histograms count exactly what the block layer counts (/sys/block/DEV/stat)."""
+import mmap
+import os
+import subprocess
+
+import pytest
+
+from conftest import direct_io, read_stat, sample, sh, stat_delta, wait_for
+
+# Modes that attach on a kernel with BTF and tracefs; kprobe has its own test (compiled out here).
+MODES = ["tp_btf", "raw_tp", "tracepoint"]
+LAT = "ebpf_bio_req_latency"
+SIZE = "ebpf_bio_req_size"
+
+
+def deltas(before, after, name, **labels):
+    return sample(after, name, **labels) - sample(before, name, **labels)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_read_write_counts_and_sizes_match_sysfs(agent_factory, loop, mode):
+    agent = agent_factory("--attach", mode, "--device-include", loop.name)
+    assert f'mode="{mode}"' in agent.metrics_text()
+    m0, s0 = agent.samples(), read_stat(loop.name)
+    direct_io(loop.path, "read", 4096, 200)
+    direct_io(loop.path, "write", 65536, 30)
+    m1, s1 = agent.samples(), read_stat(loop.name)
+    d = stat_delta(s0, s1)
+    dev = {"device": loop.name, "node": "test-node"}
+
+    reads = deltas(m0, m1, f"{LAT}_count", operation="read", **dev)
+    writes = deltas(m0, m1, f"{LAT}_count", operation="write", **dev)
+    assert (reads, writes) == (d["read_ios"], d["write_ios"]), f"stat delta {d}"
+    assert (reads, writes) == (200, 30)
+    # Size histogram: the 4 KiB reads sit in le=4 (not le=2), the 64 KiB writes in le=64.
+    r = lambda le: deltas(m0, m1, f"{SIZE}_bucket", operation="read", le=le, **dev)
+    w = lambda le: deltas(m0, m1, f"{SIZE}_bucket", operation="write", le=le, **dev)
+    assert (r("2"), r("4"), r("+Inf")) == (0, 200, 200)
+    assert (w("32"), w("64"), w("+Inf")) == (0, 30, 30)
+    assert deltas(m0, m1, f"{SIZE}_count", operation="read", **dev) == reads
+    # The size sum is the sectors the kernel accounted, in KiB.
+    assert deltas(m0, m1, f"{SIZE}_sum", operation="read", **dev) == d["read_sectors"] * 512 / 1024
+    assert deltas(m0, m1, f"{SIZE}_sum", operation="write", **dev) == d["write_sectors"] * 512 / 1024
+    # Latency: every IO has a positive, finite latency below the largest finite bucket.
+    assert deltas(m0, m1, f"{LAT}_bucket", operation="write", le="2.147483648e+09", **dev) == 30
+    assert deltas(m0, m1, f"{LAT}_sum", operation="write", **dev) > 0
+    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flush_and_discard_have_their_own_operations(agent_factory, loop, mode, tmp_path):
+    agent = agent_factory("--attach", mode, "--device-include", loop.name)
+    sh("mkfs.ext4", "-q", "-E", "nodiscard", loop.path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", loop.path, str(mnt))
+    try:
+        m0, s0 = agent.samples(), read_stat(loop.name)
+        for i in range(5):
+            with open(mnt / f"f{i}", "wb") as f:
+                f.write(os.urandom(8192))
+                f.flush()
+                os.fsync(f.fileno())
+        m1, s1 = agent.samples(), read_stat(loop.name)
+    finally:
+        sh("umount", str(mnt))
+    dev = {"device": loop.name}
+    d = stat_delta(s0, s1)
+    flushes = deltas(m0, m1, f"{LAT}_count", operation="flush", **dev)
+    assert flushes == d["flush_ios"] and flushes > 0
+    # fsync'd writes go through the kernel's flush sequence; each still counts once, as in stat.
+    assert deltas(m0, m1, f"{LAT}_count", operation="write", **dev) == d["write_ios"]
+    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+
+    s2 = read_stat(loop.name)
+    sh("blkdiscard", "-o", "0", "-l", str(4 << 20), loop.path)
+    m2, s3 = agent.samples(), read_stat(loop.name)
+    discards = deltas(m1, m2, f"{LAT}_count", operation="discard", **dev)
+    assert discards == stat_delta(s2, s3)["discard_ios"] and discards > 0
+    assert deltas(m1, m2, f"{SIZE}_sum", operation="discard", **dev) == stat_delta(s2, s3)["discard_sectors"] * 512 / 1024
+
+
+def test_bio_based_zram_counts_and_write_zeroes(agent, zram):
+    path = f"/dev/{zram}"
+    m0, s0 = agent.samples(), read_stat(zram)
+    direct_io(path, "write", 4096, 64)
+    direct_io(path, "read", 8192, 16)
+    m1, s1 = agent.samples(), read_stat(zram)
+    d = stat_delta(s0, s1)
+    dev = {"device": zram}
+    assert deltas(m0, m1, f"{LAT}_count", operation="write", **dev) == d["write_ios"] == 64
+    assert deltas(m0, m1, f"{LAT}_count", operation="read", **dev) == d["read_ios"]
+    assert deltas(m0, m1, f"{SIZE}_sum", operation="read", **dev) == d["read_sectors"] * 512 / 1024
+    assert deltas(m0, m1, f"{SIZE}_bucket", operation="write", le="4", **dev) == 64
+    # zram implements write_zeroes; blkdiscard -z issues it (on a /dev/shm loop it becomes a write).
+    sh("blkdiscard", "-z", "-o", "0", "-l", str(1 << 20), path)
+    m2 = agent.samples()
+    assert deltas(m1, m2, f"{LAT}_count", operation="write_zeroes", **dev) >= 1
+    assert deltas(m1, m2, f"{SIZE}_sum", operation="write_zeroes", **dev) == 1024
+
+
+def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent, loop_factory):
+    # The loop device keeps its 1 MiB size while its file shrinks by 2 KiB: a 4 KiB read at the end
+    # completes 2 KiB, is requeued, and fails the rest with -EIO.
+    loop = loop_factory(size_bytes=1 << 20, direct_io=True)
+    os.truncate(loop.backing, (1 << 20) - 2048)
+    m0, s0 = agent.samples(), read_stat(loop.name)
+    fd = os.open(loop.path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        os.lseek(fd, (1 << 20) - 4096, os.SEEK_SET)
+        with pytest.raises(OSError):
+            os.readv(fd, [buf])
+    finally:
+        os.close(fd)
+    m1, s1 = agent.samples(), read_stat(loop.name)
+    dev = {"device": loop.name, "operation": "read"}
+    assert stat_delta(s0, s1)["read_ios"] == 1
+    assert deltas(m0, m1, f"{LAT}_count", **dev) == 1
+    assert deltas(m0, m1, f"{SIZE}_sum", **dev) == 4
+    assert deltas(m0, m1, "ebpf_bio_req_errors_total", **dev) == 1
+    # Nothing left behind in the in-flight tables.
+    assert sample(m1, "ebpf_bio_inflight_entries", table="partials") == 0
+    # Other disks' flushes pass through the start table too: wait for it to drain.
+    wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
+
+
+def test_a_device_that_appears_later_is_measured_without_restart(agent_factory, loop_factory):
+    agent = agent_factory("--device-include", "loop[0-9]+")
+    late = loop_factory()
+    direct_io(late.path, "read", 4096, 10)
+    s = agent.samples()
+    assert sample(s, f"{LAT}_count", device=late.name, operation="read") >= 10
+    assert not [l for n, l, _ in s if n == f"{LAT}_count" and not l["device"].startswith("loop")]
+
+
+def test_device_exclude_wins_over_include(agent_factory, loop_factory):
+    a, b = loop_factory(), loop_factory()
+    agent = agent_factory("--device-include", "loop[0-9]+", "--device-exclude", b.name)
+    direct_io(a.path, "read", 4096, 5)
+    direct_io(b.path, "read", 4096, 5)
+    devices = {l["device"] for n, l, _ in agent.samples() if n == f"{LAT}_count"}
+    assert a.name in devices and b.name not in devices
