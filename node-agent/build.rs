@@ -7,7 +7,8 @@ use libbpf_cargo::SkeletonBuilder;
 const SRC: &str = "../bpf/bio.bpf.c";
 
 fn main() {
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo")).join("bio.skel.rs");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo")).join("bio.skel.rs");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("CARGO_CFG_TARGET_ARCH is set by cargo");
     // bpf_tracing.h picks the pt_regs layout (kprobe arguments) by this name.
     let target_arch = match arch.as_str() {
@@ -20,7 +21,11 @@ fn main() {
     };
     SkeletonBuilder::new()
         .source(SRC)
-        .clang_args([format!("-D__TARGET_ARCH_{target_arch}"), "-Wall".into(), "-O2".into()])
+        .clang_args([
+            format!("-D__TARGET_ARCH_{target_arch}"),
+            "-Wall".into(),
+            "-O2".into(),
+        ])
         .build_and_generate(&out)
         .expect("compiling bpf/bio.bpf.c (needs clang and libbpf headers: run `make deps`)");
     println!("cargo:rerun-if-changed=../bpf");

@@ -99,12 +99,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 1s, 500ms"))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 1s, 500ms"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s or m")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: use ms, s or m"
+            ))
+        }
     };
     if !seconds.is_finite() || seconds <= 0.0 {
         return Err(format!("duration {s:?} must be positive"));

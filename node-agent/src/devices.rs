@@ -34,7 +34,9 @@ impl Default for DeviceNamer {
 
 impl DeviceNamer {
     pub fn new(sys_dev_block: impl Into<PathBuf>) -> Self {
-        Self { sys_dev_block: sys_dev_block.into() }
+        Self {
+            sys_dev_block: sys_dev_block.into(),
+        }
     }
 
     /// The kernel name (sda, nvme0n1, loop0, dm-0). A device that vanished or never had a sysfs
@@ -42,7 +44,11 @@ impl DeviceNamer {
     pub fn name(&self, dev: u32) -> String {
         let id = format!("{}:{}", major(dev), minor(dev));
         let link = self.sys_dev_block.join(&id);
-        match std::fs::read_link(&link).ok().as_deref().and_then(Path::file_name) {
+        match std::fs::read_link(&link)
+            .ok()
+            .as_deref()
+            .and_then(Path::file_name)
+        {
             Some(name) => name.to_string_lossy().into_owned(),
             None => {
                 tracing::debug!(device = %id, "no sysfs name for device; exporting it by number");
@@ -76,11 +82,17 @@ impl DeviceFilter {
                     // Checked alone first, so the error points into the user's own text.
                     Regex::new(p)
                         .and_then(|_| Regex::new(&format!("^(?:{p})$")))
-                        .map_err(|source| InvalidDeviceRegex { pattern: p.clone(), source })
+                        .map_err(|source| InvalidDeviceRegex {
+                            pattern: p.clone(),
+                            source,
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        Ok(Self { include: compile(include)?, exclude: compile(exclude)? })
+        Ok(Self {
+            include: compile(include)?,
+            exclude: compile(exclude)?,
+        })
     }
 
     pub fn allows(&self, name: &str) -> bool {
@@ -102,7 +114,8 @@ mod tests {
 
     #[test]
     fn filter_full_match_and_exclude_wins() {
-        let f = DeviceFilter::new(&["loop[0-9]+".into(), "zram.*".into()], &["loop7".into()]).unwrap();
+        let f =
+            DeviceFilter::new(&["loop[0-9]+".into(), "zram.*".into()], &["loop7".into()]).unwrap();
         assert!(f.allows("loop0"));
         assert!(f.allows("zram0"));
         assert!(!f.allows("loop7"));

@@ -50,7 +50,9 @@ pub struct BindError {
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| {
         let hint = match source.kind() {
-            std::io::ErrorKind::AddrInUse => " (another process uses this port; choose one with --listen)",
+            std::io::ErrorKind::AddrInUse => {
+                " (another process uses this port; choose one with --listen)"
+            }
             std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
             _ => "",
         };
@@ -63,7 +65,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/", get(|| async { "bio-exporter node-agent: see /metrics\n" }))
+        .route(
+            "/",
+            get(|| async { "bio-exporter node-agent: see /metrics\n" }),
+        )
         .with_state(state)
 }
 
@@ -71,13 +76,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "BPF programs not attached yet\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BPF programs not attached yet\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let Some(source) = state.source.get() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "BPF programs not attached yet\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BPF programs not attached yet\n",
+        )
+            .into_response();
     };
     // Map reads are syscalls and sysfs lookups: keep them off the async workers.
     let state2 = state.clone();
@@ -94,8 +107,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], body).into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "scrape failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("reading BPF maps failed: {e}\n")).into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading BPF maps failed: {e}\n"),
+            )
+                .into_response()
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("scrape task failed: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("scrape task failed: {e}\n"),
+        )
+            .into_response(),
     }
 }

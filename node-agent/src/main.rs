@@ -23,7 +23,11 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.serve.log_level, cli.serve.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -48,7 +52,9 @@ fn init_logging(level: &str, json: bool) {
         eprintln!("warning: invalid --log-level {level:?} ({e}); using info");
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -79,7 +85,9 @@ impl AgentError {
 
 fn node_name(flag: Option<String>) -> String {
     flag.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
     })
 }
 
@@ -88,7 +96,8 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let node = node_name(args.node_name);
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
-    let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(listener, http::router(state.clone()))
+        .with_graceful_shutdown(shutdown_signal());
     let server = tokio::spawn(async move { server.await });
     tracing::info!(listen = %args.listen, node = %node, "serving /metrics, /healthz, /readyz");
 
@@ -98,7 +107,10 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
         namer: DeviceNamer::default(),
         filter,
         ops: attached.facts.ops.clone(),
-        labels: metrics::Labels { node, attach_mode: attached.mode.to_string() },
+        labels: metrics::Labels {
+            node,
+            attach_mode: attached.mode.to_string(),
+        },
     });
     tracing::info!(mode = %attached.mode, "BPF programs attached; ready");
 

@@ -42,7 +42,12 @@ pub struct NamedHist {
 
 /// Names devices and operations, drops filtered devices, and merges pairs that resolve to the
 /// same names (a device number reused by another disk) so no series is emitted twice.
-pub fn name_hists(snapshot: &Snapshot, namer: &DeviceNamer, filter: &DeviceFilter, ops: &OpNames) -> Vec<NamedHist> {
+pub fn name_hists(
+    snapshot: &Snapshot,
+    namer: &DeviceNamer,
+    filter: &DeviceFilter,
+    ops: &OpNames,
+) -> Vec<NamedHist> {
     let mut merged: BTreeMap<(String, String), DeviceOpHist> = BTreeMap::new();
     for h in &snapshot.hists {
         let device = namer.name(h.dev);
@@ -50,7 +55,9 @@ pub fn name_hists(snapshot: &Snapshot, namer: &DeviceNamer, filter: &DeviceFilte
             continue;
         }
         let operation = ops.name(h.op);
-        let entry = merged.entry((device, operation)).or_insert_with(|| DeviceOpHist::empty(h.dev, h.op));
+        let entry = merged
+            .entry((device, operation))
+            .or_insert_with(|| DeviceOpHist::empty(h.dev, h.op));
         for k in 0..LOG2_SLOTS {
             entry.latency_slots[k] += h.latency_slots[k];
             entry.size_slots[k] += h.size_slots[k];
@@ -59,13 +66,22 @@ pub fn name_hists(snapshot: &Snapshot, namer: &DeviceNamer, filter: &DeviceFilte
         entry.size_sum_bytes += h.size_sum_bytes;
         entry.errors += h.errors;
     }
-    merged.into_iter().map(|((device, operation), hist)| NamedHist { device, operation, hist }).collect()
+    merged
+        .into_iter()
+        .map(|((device, operation), hist)| NamedHist {
+            device,
+            operation,
+            hist,
+        })
+        .collect()
 }
 
 /// Classic buckets: slot k is the bucket `le = 2^k`, for k up to `max_log2`; the encoder adds
 /// +Inf = count, which is where every larger slot belongs.
 fn classic_buckets(slots: &[u64; LOG2_SLOTS], max_log2: usize) -> Vec<(f64, u64)> {
-    (0..=max_log2).map(|k| ((1u64 << k) as f64, slots[k])).collect()
+    (0..=max_log2)
+        .map(|k| ((1u64 << k) as f64, slots[k]))
+        .collect()
 }
 
 #[derive(Debug)]
@@ -78,7 +94,11 @@ struct BioCollector {
 
 impl BioCollector {
     fn series_labels(&self, h: &NamedHist) -> [(&'static str, String); 3] {
-        [("device", h.device.clone()), ("operation", h.operation.clone()), ("node", self.labels.node.clone())]
+        [
+            ("device", h.device.clone()),
+            ("operation", h.operation.clone()),
+            ("node", self.labels.node.clone()),
+        ]
     }
 }
 
@@ -87,27 +107,37 @@ impl Collector for BioCollector {
         // The seed's families print even before any IO, like ebpf_exporter's, but series appear
         // only for pairs that did IO since load.
         {
-            let mut family = encoder.encode_descriptor(LATENCY_NAME, LATENCY_HELP, None, MetricType::Histogram)?;
+            let mut family = encoder.encode_descriptor(
+                LATENCY_NAME,
+                LATENCY_HELP,
+                None,
+                MetricType::Histogram,
+            )?;
             for h in &self.hists {
                 let labels = self.series_labels(h);
-                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    h.hist.latency_sum_ns as f64 / NSEC_PER_USEC,
-                    h.hist.count(),
-                    &classic_buckets(&h.hist.latency_slots, LATENCY_MAX_LOG2),
-                    None,
-                )?;
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(
+                        h.hist.latency_sum_ns as f64 / NSEC_PER_USEC,
+                        h.hist.count(),
+                        &classic_buckets(&h.hist.latency_slots, LATENCY_MAX_LOG2),
+                        None,
+                    )?;
             }
         }
         {
-            let mut family = encoder.encode_descriptor(SIZE_NAME, SIZE_HELP, None, MetricType::Histogram)?;
+            let mut family =
+                encoder.encode_descriptor(SIZE_NAME, SIZE_HELP, None, MetricType::Histogram)?;
             for h in &self.hists {
                 let labels = self.series_labels(h);
-                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    h.hist.size_sum_bytes as f64 / BYTES_PER_KIB,
-                    h.hist.count(),
-                    &classic_buckets(&h.hist.size_slots, SIZE_MAX_LOG2),
-                    None,
-                )?;
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(
+                        h.hist.size_sum_bytes as f64 / BYTES_PER_KIB,
+                        h.hist.count(),
+                        &classic_buckets(&h.hist.size_slots, SIZE_MAX_LOG2),
+                        None,
+                    )?;
             }
         }
         {
@@ -119,7 +149,9 @@ impl Collector for BioCollector {
             )?;
             for h in &self.hists {
                 let labels = self.series_labels(h);
-                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&h.hist.errors, None)?;
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&h.hist.errors, None)?;
             }
         }
         {
@@ -130,8 +162,13 @@ impl Collector for BioCollector {
                 MetricType::Counter,
             )?;
             for (reason, n) in LOST_REASONS.iter().zip(self.lost) {
-                let labels = [("reason", reason.to_string()), ("node", self.labels.node.clone())];
-                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&n, None)?;
+                let labels = [
+                    ("reason", reason.to_string()),
+                    ("node", self.labels.node.clone()),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&n, None)?;
             }
         }
         {
@@ -142,7 +179,10 @@ impl Collector for BioCollector {
                 MetricType::Gauge,
             )?;
             for (table, n) in INFLIGHT_TABLES.iter().zip(self.inflight) {
-                let labels = [("table", table.to_string()), ("node", self.labels.node.clone())];
+                let labels = [
+                    ("table", table.to_string()),
+                    ("node", self.labels.node.clone()),
+                ];
                 family.encode_family(&labels)?.encode_gauge(&(n as i64))?;
             }
         }
@@ -153,7 +193,10 @@ impl Collector for BioCollector {
                 None,
                 MetricType::Info,
             )?;
-            let labels = [("mode", self.labels.attach_mode.clone()), ("node", self.labels.node.clone())];
+            let labels = [
+                ("mode", self.labels.attach_mode.clone()),
+                ("node", self.labels.node.clone()),
+            ];
             family.encode_info(&labels)?;
         }
         Ok(())
@@ -182,21 +225,56 @@ mod tests {
     use super::*;
 
     fn labels() -> Labels {
-        Labels { node: "n1".into(), attach_mode: "tp_btf".into() }
+        Labels {
+            node: "n1".into(),
+            attach_mode: "tp_btf".into(),
+        }
     }
 
     fn hist(device: &str, operation: &str, f: impl FnOnce(&mut DeviceOpHist)) -> NamedHist {
         let mut hist = DeviceOpHist::empty(0, 0);
         f(&mut hist);
-        NamedHist { device: device.into(), operation: operation.into(), hist }
+        NamedHist {
+            device: device.into(),
+            operation: operation.into(),
+            hist,
+        }
     }
 
     /// The seed's `le` strings, in order, as dashboards match them.
     const SEED_LATENCY_LE: [&str; 33] = [
-        "1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024", "2048", "4096", "8192",
-        "16384", "32768", "65536", "131072", "262144", "524288", "1.048576e+06", "2.097152e+06",
-        "4.194304e+06", "8.388608e+06", "1.6777216e+07", "3.3554432e+07", "6.7108864e+07",
-        "1.34217728e+08", "2.68435456e+08", "5.36870912e+08", "1.073741824e+09", "2.147483648e+09",
+        "1",
+        "2",
+        "4",
+        "8",
+        "16",
+        "32",
+        "64",
+        "128",
+        "256",
+        "512",
+        "1024",
+        "2048",
+        "4096",
+        "8192",
+        "16384",
+        "32768",
+        "65536",
+        "131072",
+        "262144",
+        "524288",
+        "1.048576e+06",
+        "2.097152e+06",
+        "4.194304e+06",
+        "8.388608e+06",
+        "1.6777216e+07",
+        "3.3554432e+07",
+        "6.7108864e+07",
+        "1.34217728e+08",
+        "2.68435456e+08",
+        "5.36870912e+08",
+        "1.073741824e+09",
+        "2.147483648e+09",
         "+Inf",
     ];
     const SEED_SIZE_LE: [&str; 17] = [
@@ -217,12 +295,23 @@ mod tests {
 
     #[test]
     fn seed_names_help_type_and_le_strings() {
-        let text = render_text(vec![hist("sda", "write", |h| h.latency_slots[6] = 1)], &Snapshot::default(), &labels());
-        assert!(text.contains("# HELP ebpf_bio_req_latency A histogram of bio request latencies in microseconds.\n"));
+        let text = render_text(
+            vec![hist("sda", "write", |h| h.latency_slots[6] = 1)],
+            &Snapshot::default(),
+            &labels(),
+        );
+        assert!(text.contains(
+            "# HELP ebpf_bio_req_latency A histogram of bio request latencies in microseconds.\n"
+        ));
         assert!(text.contains("# TYPE ebpf_bio_req_latency histogram\n"));
-        assert!(text.contains("# HELP ebpf_bio_req_size A histogram of bio request sizes in KiB.\n"));
+        assert!(
+            text.contains("# HELP ebpf_bio_req_size A histogram of bio request sizes in KiB.\n")
+        );
         assert!(text.contains("# TYPE ebpf_bio_req_size histogram\n"));
-        assert_eq!(le_values(&text, "ebpf_bio_req_latency_bucket"), SEED_LATENCY_LE);
+        assert_eq!(
+            le_values(&text, "ebpf_bio_req_latency_bucket"),
+            SEED_LATENCY_LE
+        );
         assert_eq!(le_values(&text, "ebpf_bio_req_size_bucket"), SEED_SIZE_LE);
         assert!(
             text.contains("ebpf_bio_req_latency_bucket{device=\"sda\",operation=\"write\",node=\"n1\",le=\"1.048576e+06\"} 1\n"),
@@ -245,13 +334,24 @@ mod tests {
             &Snapshot::default(),
             &labels(),
         );
-        let line = |s: &str| text.lines().find(|l| l.starts_with(s)).unwrap_or_else(|| panic!("{s} in {text}")).to_string();
+        let line = |s: &str| {
+            text.lines()
+                .find(|l| l.starts_with(s))
+                .unwrap_or_else(|| panic!("{s} in {text}"))
+                .to_string()
+        };
         let series = "{device=\"loop0\",operation=\"read\",node=\"n1\"";
         assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"1\"}}")).ends_with(" 2"));
         assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"4\"}}")).ends_with(" 2"));
         assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"8\"}}")).ends_with(" 7"));
-        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"2.147483648e+09\"}}")).ends_with(" 7"));
-        assert!(line(&format!("ebpf_bio_req_latency_bucket{series},le=\"+Inf\"}}")).ends_with(" 8"));
+        assert!(line(&format!(
+            "ebpf_bio_req_latency_bucket{series},le=\"2.147483648e+09\"}}"
+        ))
+        .ends_with(" 7"));
+        assert!(line(&format!(
+            "ebpf_bio_req_latency_bucket{series},le=\"+Inf\"}}"
+        ))
+        .ends_with(" 8"));
         assert!(line(&format!("ebpf_bio_req_latency_count{series}}}")).ends_with(" 8"));
         let value = |s: &str| line(s).rsplit_once(' ').unwrap().1.parse::<f64>().unwrap();
         assert_eq!(value(&format!("ebpf_bio_req_latency_sum{series}}}")), 1.5);
@@ -264,13 +364,31 @@ mod tests {
     fn errors_lost_and_attach_mode_are_exported() {
         let text = render_text(
             vec![hist("vda", "flush", |h| h.errors = 3)],
-            &Snapshot { hists: vec![], lost: [1, 2, 0, 0], inflight: [5, 0] },
+            &Snapshot {
+                hists: vec![],
+                lost: [1, 2, 0, 0],
+                inflight: [5, 0],
+            },
             &labels(),
         );
-        assert!(text.contains("ebpf_bio_req_errors_total{device=\"vda\",operation=\"flush\",node=\"n1\"} 3\n"), "{text}");
-        assert!(text.contains("ebpf_bio_lost_events_total{reason=\"no_start_time\",node=\"n1\"} 2\n"), "{text}");
-        assert!(text.contains("ebpf_bio_attach_info{mode=\"tp_btf\",node=\"n1\"} 1\n"), "{text}");
-        assert!(text.contains("ebpf_bio_inflight_entries{table=\"starts\",node=\"n1\"} 5\n"), "{text}");
+        assert!(
+            text.contains(
+                "ebpf_bio_req_errors_total{device=\"vda\",operation=\"flush\",node=\"n1\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ebpf_bio_lost_events_total{reason=\"no_start_time\",node=\"n1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ebpf_bio_attach_info{mode=\"tp_btf\",node=\"n1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ebpf_bio_inflight_entries{table=\"starts\",node=\"n1\"} 5\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -280,14 +398,22 @@ mod tests {
         a.latency_slots[1] = 1;
         let mut b = a.clone();
         b.dev = mkdev(7, 1);
-        let snap = Snapshot { hists: vec![a.clone(), b, a], ..Default::default() };
+        let snap = Snapshot {
+            hists: vec![a.clone(), b, a],
+            ..Default::default()
+        };
         let namer = DeviceNamer::new("/nonexistent");
         let ops = OpNames::current_kernel();
         let all = name_hists(&snap, &namer, &DeviceFilter::default(), &ops);
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].device, "7:0");
         assert_eq!(all[0].hist.count(), 2, "same names merge");
-        let only = name_hists(&snap, &namer, &DeviceFilter::new(&[], &["7:1".into()]).unwrap(), &ops);
+        let only = name_hists(
+            &snap,
+            &namer,
+            &DeviceFilter::new(&[], &["7:1".into()]).unwrap(),
+            &ops,
+        );
         assert_eq!(only.len(), 1);
     }
 }

@@ -42,8 +42,12 @@ impl OpNames {
     pub fn from_enumerators<'a>(members: impl IntoIterator<Item = (&'a str, i64)>) -> Self {
         let mut names: HashMap<u32, String> = HashMap::new();
         for (name, value) in members {
-            let Some(op) = name.strip_prefix("REQ_OP_") else { continue };
-            let Ok(value) = u32::try_from(value) else { continue };
+            let Some(op) = name.strip_prefix("REQ_OP_") else {
+                continue;
+            };
+            let Ok(value) = u32::try_from(value) else {
+                continue;
+            };
             if op == "LAST" {
                 continue;
             }
@@ -54,7 +58,12 @@ impl OpNames {
 
     /// The layout of current kernels, when the running one has no BTF to ask.
     pub fn current_kernel() -> Self {
-        Self::with_classic(CURRENT_KERNEL_OPS.iter().map(|(v, n)| (*v, n.to_string())).collect())
+        Self::with_classic(
+            CURRENT_KERNEL_OPS
+                .iter()
+                .map(|(v, n)| (*v, n.to_string()))
+                .collect(),
+        )
     }
 
     fn with_classic(mut names: HashMap<u32, String>) -> Self {

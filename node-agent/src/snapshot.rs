@@ -10,7 +10,12 @@ pub const HIST_VALUE_SIZE: usize = HIST_WORDS * 8;
 pub const HIST_KEY_SIZE: usize = 8;
 
 /// Names of `enum lost_reason`, in order; exported as the `reason` label.
-pub const LOST_REASONS: [&str; 4] = ["start_map_full", "no_start_time", "hist_map_full", "partial_map_full"];
+pub const LOST_REASONS: [&str; 4] = [
+    "start_map_full",
+    "no_start_time",
+    "hist_map_full",
+    "partial_map_full",
+];
 
 /// The kernel's in-flight tables, as the `table` label.
 pub const INFLIGHT_TABLES: [&str; 2] = ["starts", "partials"];
@@ -51,9 +56,14 @@ impl DeviceOpHist {
     /// Adds one CPU's value (native-endian `struct hist` bytes).
     pub fn add_cpu_value(&mut self, bytes: &[u8]) -> Result<(), LayoutError> {
         if bytes.len() < HIST_VALUE_SIZE {
-            return Err(LayoutError { what: "struct hist", expected: HIST_VALUE_SIZE, got: bytes.len() });
+            return Err(LayoutError {
+                what: "struct hist",
+                expected: HIST_VALUE_SIZE,
+                got: bytes.len(),
+            });
         }
-        let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let word =
+            |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         for k in 0..LOG2_SLOTS {
             self.latency_slots[k] += word(k);
             self.size_slots[k] += word(LOG2_SLOTS + k);
@@ -68,7 +78,11 @@ impl DeviceOpHist {
 /// Parses a `struct hist_key`.
 pub fn parse_key(bytes: &[u8]) -> Result<(u32, u32), LayoutError> {
     if bytes.len() != HIST_KEY_SIZE {
-        return Err(LayoutError { what: "struct hist_key", expected: HIST_KEY_SIZE, got: bytes.len() });
+        return Err(LayoutError {
+            what: "struct hist_key",
+            expected: HIST_KEY_SIZE,
+            got: bytes.len(),
+        });
     }
     let dev = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes"));
     let op = u32::from_ne_bytes(bytes[4..8].try_into().expect("4 bytes"));
@@ -120,7 +134,10 @@ mod tests {
         assert_eq!(h.latency_slots[3], 2);
         assert_eq!(h.size_slots[2], 1);
         assert_eq!(h.size_slots[4], 1);
-        assert_eq!((h.latency_sum_ns, h.size_sum_bytes, h.errors), (4000, 20480, 1));
+        assert_eq!(
+            (h.latency_sum_ns, h.size_sum_bytes, h.errors),
+            (4000, 20480, 1)
+        );
         assert_eq!(h.count(), 2);
     }
 

@@ -22,25 +22,38 @@ impl KernelFacts {
     pub fn probe() -> Self {
         let has_btf = Path::new(VMLINUX_BTF).exists();
         let btf = if has_btf {
-            Btf::from_vmlinux().map_err(|e| tracing::warn!(error = %e, "cannot parse kernel BTF")).ok()
+            Btf::from_vmlinux()
+                .map_err(|e| tracing::warn!(error = %e, "cannot parse kernel BTF"))
+                .ok()
         } else {
             None
         };
         let (queue_flag_stats_bit, ops) = match &btf {
-            Some(btf) => (enumerator(btf, "QUEUE_FLAG_STATS").and_then(|v| u32::try_from(v).ok()), req_op_names(btf)),
+            Some(btf) => (
+                enumerator(btf, "QUEUE_FLAG_STATS").and_then(|v| u32::try_from(v).ok()),
+                req_op_names(btf),
+            ),
             None => (None, OpNames::current_kernel()),
         };
         let tracefs = TRACEFS_MOUNTS
             .iter()
             .map(PathBuf::from)
             .find(|p| p.join("events/block").is_dir());
-        Self { has_btf: btf.is_some(), queue_flag_stats_bit, ops, tracefs }
+        Self {
+            has_btf: btf.is_some(),
+            queue_flag_stats_bit,
+            ops,
+            tracefs,
+        }
     }
 }
 
 fn enumerator(btf: &Btf, name: &str) -> Option<i64> {
-    btf.type_by_kind::<Enum>()
-        .find_map(|e| e.iter().find(|m| m.name.is_some_and(|n| n == name)).map(|m| m.value))
+    btf.type_by_kind::<Enum>().find_map(|e| {
+        e.iter()
+            .find(|m| m.name.is_some_and(|n| n == name))
+            .map(|m| m.value)
+    })
 }
 
 fn req_op_names(btf: &Btf) -> OpNames {
@@ -70,7 +83,10 @@ pub struct TracepointFields {
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} has no field {field:?}")]
     MissingField { path: PathBuf, field: &'static str },
 }
@@ -83,7 +99,12 @@ pub fn parse_format(text: &str) -> Vec<(String, u32)> {
             let decl = line.strip_prefix("field:")?.split(';').next()?;
             let name = decl.split_whitespace().last()?;
             let name = name.split('[').next()?.to_string();
-            let offset = line.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?.trim().parse().ok()?;
+            let offset = line
+                .split(';')
+                .find_map(|part| part.trim().strip_prefix("offset:"))?
+                .trim()
+                .parse()
+                .ok()?;
             Some((name, offset))
         })
         .collect()
@@ -91,18 +112,34 @@ pub fn parse_format(text: &str) -> Vec<(String, u32)> {
 
 /// Reads one event's format; `required` names the fields the program must have, `optional` the
 /// ones it may lack (left at 0 and unused).
-pub fn tracepoint_fields(tracefs: &Path, event: &str, complete: bool) -> Result<TracepointFields, FormatError> {
+pub fn tracepoint_fields(
+    tracefs: &Path,
+    event: &str,
+    complete: bool,
+) -> Result<TracepointFields, FormatError> {
     let path = tracefs.join("events/block").join(event).join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| FormatError::Read { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| FormatError::Read {
+        path: path.clone(),
+        source,
+    })?;
     let fields = parse_format(&text);
     let get = |field: &'static str| {
         fields
             .iter()
             .find(|(n, _)| n == field)
             .map(|(_, off)| *off)
-            .ok_or_else(|| FormatError::MissingField { path: path.clone(), field })
+            .ok_or_else(|| FormatError::MissingField {
+                path: path.clone(),
+                field,
+            })
     };
-    let mut f = TracepointFields { dev: get("dev")?, sector: get("sector")?, nr_sector: get("nr_sector")?, rwbs: get("rwbs")?, ..Default::default() };
+    let mut f = TracepointFields {
+        dev: get("dev")?,
+        sector: get("sector")?,
+        nr_sector: get("nr_sector")?,
+        rwbs: get("rwbs")?,
+        ..Default::default()
+    };
     if complete {
         f.error = get("error")?;
     } else {
@@ -127,7 +164,13 @@ mod tests {
 
     #[test]
     fn hostile_format_text_never_panics() {
-        for junk in ["", "field:", "field:;offset:x;", "\u{0}\u{ffff}field: a b c;offset:99999999999;", "offset:1;field:int x"] {
+        for junk in [
+            "",
+            "field:",
+            "field:;offset:x;",
+            "\u{0}\u{ffff}field: a b c;offset:99999999999;",
+            "offset:1;field:int x",
+        ] {
             let _ = parse_format(junk);
         }
     }

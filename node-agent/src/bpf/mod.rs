@@ -45,7 +45,12 @@ impl fmt::Display for AttachMode {
     }
 }
 
-const PROBE_ORDER: [AttachMode; 4] = [AttachMode::TpBtf, AttachMode::RawTp, AttachMode::Tracepoint, AttachMode::Kprobe];
+const PROBE_ORDER: [AttachMode; 4] = [
+    AttachMode::TpBtf,
+    AttachMode::RawTp,
+    AttachMode::Tracepoint,
+    AttachMode::Kprobe,
+];
 
 /// A program of a mode, and whether the mode is useless without it.
 struct ModeProgram {
@@ -54,17 +59,33 @@ struct ModeProgram {
 }
 
 const fn req(name: &'static str) -> ModeProgram {
-    ModeProgram { name, required: true }
+    ModeProgram {
+        name,
+        required: true,
+    }
 }
 
 /// Bio-based disks only exist on some hosts, and these tracepoints only on newer kernels:
 /// without them request-based disks are still measured.
 const fn opt(name: &'static str) -> ModeProgram {
-    ModeProgram { name, required: false }
+    ModeProgram {
+        name,
+        required: false,
+    }
 }
 
-const TP_BTF_PROGRAMS: &[ModeProgram] = &[req("btf_rq_issue"), req("btf_rq_complete"), opt("btf_bio_queue"), opt("btf_bio_complete")];
-const RAW_TP_PROGRAMS: &[ModeProgram] = &[req("raw_rq_issue"), req("raw_rq_complete"), opt("raw_bio_queue"), opt("raw_bio_complete")];
+const TP_BTF_PROGRAMS: &[ModeProgram] = &[
+    req("btf_rq_issue"),
+    req("btf_rq_complete"),
+    opt("btf_bio_queue"),
+    opt("btf_bio_complete"),
+];
+const RAW_TP_PROGRAMS: &[ModeProgram] = &[
+    req("raw_rq_issue"),
+    req("raw_rq_complete"),
+    opt("raw_bio_queue"),
+    opt("raw_bio_complete"),
+];
 const TRACEPOINT_PROGRAMS: &[ModeProgram] = &[req("tp_rq_issue"), req("tp_rq_complete")];
 const KPROBE_PROGRAMS: &[ModeProgram] = &[req("kp_rq_issue"), req("kp_rq_complete")];
 
@@ -87,7 +108,10 @@ pub enum BpfError {
     #[error("no attach mode works on this kernel: {0}")]
     NoModeWorks(String),
     #[error("reading BPF map {map}: {source}")]
-    MapRead { map: &'static str, source: libbpf_rs::Error },
+    MapRead {
+        map: &'static str,
+        source: libbpf_rs::Error,
+    },
     #[error(transparent)]
     Layout(#[from] LayoutError),
 }
@@ -133,10 +157,13 @@ impl MapReader {
         for key in self.hists.keys() {
             let (dev, op) = parse_key(&key)?;
             // A pair is never deleted, so None only means a race with map teardown.
-            let Some(per_cpu) = self
-                .hists
-                .lookup_percpu(&key, MapFlags::ANY)
-                .map_err(|source| BpfError::MapRead { map: "hists", source })?
+            let Some(per_cpu) =
+                self.hists
+                    .lookup_percpu(&key, MapFlags::ANY)
+                    .map_err(|source| BpfError::MapRead {
+                        map: "hists",
+                        source,
+                    })?
             else {
                 continue;
             };
@@ -152,19 +179,36 @@ impl MapReader {
             let per_cpu = self
                 .lost
                 .lookup_percpu(&key, MapFlags::ANY)
-                .map_err(|source| BpfError::MapRead { map: "lost_events", source })?
+                .map_err(|source| BpfError::MapRead {
+                    map: "lost_events",
+                    source,
+                })?
                 .unwrap_or_default();
-            *slot = per_cpu.iter().filter_map(|v| v.get(..8)).map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes"))).sum();
+            *slot = per_cpu
+                .iter()
+                .filter_map(|v| v.get(..8))
+                .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                .sum();
         }
         let bss = self
             .bss
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| BpfError::MapRead { map: ".bss", source })?
+            .map_err(|source| BpfError::MapRead {
+                map: ".bss",
+                source,
+            })?
             .unwrap_or_default();
-        let word = |i: usize| bss.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
+        let word = |i: usize| {
+            bss.get(i * 8..i * 8 + 8)
+                .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+        };
         // start_entries and partial_entries lead .bss, in declaration order.
         let inflight = [word(0), word(1)];
-        Ok(Snapshot { hists, lost, inflight })
+        Ok(Snapshot {
+            hists,
+            lost,
+            inflight,
+        })
     }
 }
 
@@ -174,7 +218,10 @@ pub fn check_capabilities() -> Result<(), BpfError> {
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
     else {
         return Ok(()); // Not Linux procfs as we know it: let the kernel decide.
     };
@@ -187,7 +234,9 @@ pub fn check_capabilities() -> Result<(), BpfError> {
         .filter(|(c, _)| !has(*c))
         .map(|(_, n)| *n)
         .collect();
-    Err(BpfError::Capabilities { missing: missing.join(" and ") })
+    Err(BpfError::Capabilities {
+        missing: missing.join(" and "),
+    })
 }
 
 /// Loads and attaches in the requested mode, or in the first that works for `auto`.
@@ -201,7 +250,10 @@ pub fn attach(requested: AttachMode) -> Result<Attached, BpfError> {
         "kernel facts"
     );
     if requested != AttachMode::Auto {
-        return try_mode(requested, &facts).map_err(|reason| BpfError::ModeUnavailable { mode: requested, reason });
+        return try_mode(requested, &facts).map_err(|reason| BpfError::ModeUnavailable {
+            mode: requested,
+            reason,
+        });
     }
     let mut skipped = BTreeMap::new();
     for mode in PROBE_ORDER {
@@ -219,7 +271,13 @@ pub fn attach(requested: AttachMode) -> Result<Attached, BpfError> {
             }
         }
     }
-    Err(BpfError::NoModeWorks(skipped.iter().map(|(m, w)| format!("{m}: {w}")).collect::<Vec<_>>().join("; ")))
+    Err(BpfError::NoModeWorks(
+        skipped
+            .iter()
+            .map(|(m, w)| format!("{m}: {w}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
 }
 
 /// Why a mode cannot work, before trying it: the missing kernel feature, named.
@@ -252,12 +310,18 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
     // The skeleton borrows its object storage for its whole life; the agent attaches once (at most
     // one failed try per mode), so leaking that small allocation is the simplest sound owner.
     let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-    let mut open = BioSkelBuilder::default().open(storage).map_err(|e| format!("opening BPF object: {e}"))?;
+    let mut open = BioSkelBuilder::default()
+        .open(storage)
+        .map_err(|e| format!("opening BPF object: {e}"))?;
     for mut prog in open.open_object_mut().progs_mut() {
         let name = prog.name().to_string_lossy().into_owned();
         prog.set_autoload(wanted.iter().any(|p| p.name == name));
     }
-    let rodata = open.maps.rodata_data.as_deref_mut().ok_or("BPF object has no .rodata")?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or("BPF object has no .rodata")?;
     if let Some(bit) = facts.queue_flag_stats_bit {
         rodata.queue_flag_stats_bit = bit;
     } else {
@@ -265,23 +329,34 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
     }
     if mode == AttachMode::Tracepoint {
         let tracefs = facts.tracefs.as_deref().ok_or("tracefs missing")?;
-        let issue = tracepoint_fields(tracefs, "block_rq_issue", false).map_err(|e| e.to_string())?;
-        let complete = tracepoint_fields(tracefs, "block_rq_complete", true).map_err(|e| e.to_string())?;
+        let issue =
+            tracepoint_fields(tracefs, "block_rq_issue", false).map_err(|e| e.to_string())?;
+        let complete =
+            tracepoint_fields(tracefs, "block_rq_complete", true).map_err(|e| e.to_string())?;
         set_tp_fields(&mut rodata.tp_issue_fields, &issue);
         set_tp_fields(&mut rodata.tp_complete_fields, &complete);
     }
 
-    let skel = open.load().map_err(|e| format!("loading programs (verifier): {e}"))?;
+    let skel = open
+        .load()
+        .map_err(|e| format!("loading programs (verifier): {e}"))?;
     let mut links = Vec::new();
     for prog in skel.object().progs_mut() {
         let name = prog.name().to_string_lossy().into_owned();
-        let Some(want) = wanted.iter().find(|p| p.name == name) else { continue };
+        let Some(want) = wanted.iter().find(|p| p.name == name) else {
+            continue;
+        };
         match prog.attach() {
             Ok(link) => links.push(link),
             Err(e) if want.required => {
-                return Err(format!("programs loaded and passed the verifier, but attaching {name} failed: {}", explain_attach_error(mode, &e)));
+                return Err(format!(
+                    "programs loaded and passed the verifier, but attaching {name} failed: {}",
+                    explain_attach_error(mode, &e)
+                ));
             }
-            Err(e) => tracing::warn!(program = %name, error = %e, "optional program not attached: bio-based disks (zram, dm, md) are not measured"),
+            Err(e) => {
+                tracing::warn!(program = %name, error = %e, "optional program not attached: bio-based disks (zram, dm, md) are not measured")
+            }
         }
     }
     let maps = MapReader {
@@ -289,7 +364,13 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         lost: MapHandle::try_from(&skel.maps.lost_events).map_err(|e| e.to_string())?,
         bss: MapHandle::try_from(&skel.maps.bss).map_err(|e| e.to_string())?,
     };
-    Ok(Attached { mode, facts: facts.clone(), _links: links, _skel: skel, maps })
+    Ok(Attached {
+        mode,
+        facts: facts.clone(),
+        _links: links,
+        _skel: skel,
+        maps,
+    })
 }
 
 fn explain_attach_error(mode: AttachMode, e: &libbpf_rs::Error) -> String {

@@ -1,0 +1,46 @@
+# bio-exporter: `make run` starts the node-agent on this host; `make test` runs every test.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/bio-exporter/target
+LISTEN ?= 0.0.0.0:9435
+ARGS ?=
+AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
+AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
+
+.PHONY: deps build build-release tracefs run test test-unit test-node lint bench crds clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	cargo build --workspace --all-targets
+
+build-release: deps
+	cargo build --release -p node-agent
+
+# Classic tracepoints need tracefs; mounting it is what a node's init normally does.
+tracefs:
+	@[ -d /sys/kernel/tracing/events/block ] || mount -t tracefs nodev /sys/kernel/tracing || true
+
+run: build-release tracefs
+	$(AGENT_RELEASE) --listen $(LISTEN) $(ARGS)
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-unit: build
+	cargo test --workspace
+
+test-node: build tracefs
+	cd tests/node && BIO_AGENT_BIN=$(AGENT_DEBUG) python3 -m pytest -q -rs
+
+test: lint test-unit test-node
+
+bench: build-release tracefs
+	scripts/bench.sh
+
+crds:
+	cargo run -q -p bio-operator --bin crdgen > crds/biomonitors.bioexporter.io.yaml
+
+clean:
+	cargo clean

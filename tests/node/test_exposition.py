@@ -1,0 +1,77 @@
+"""The exposition parses with a real parser and keeps the seed's structure byte for byte."""
+import os
+import re
+import subprocess
+
+from conftest import REPO, direct_io, require_tool, sh
+
+SEED = os.path.join(REPO, "..", "shared", "seed", "ebpf_exporter-original-README.md")
+
+
+def seed_blocks():
+    """The two sample blocks of the seed README, as lines."""
+    path = os.environ.get("BIO_SEED_README", SEED)
+    with open(path) as f:
+        text = f.read()
+    blocks = re.findall(r"```\n(.*?)```", text, re.S)
+    return [b.strip().splitlines() for b in blocks if "ebpf_bio_req_" in b]
+
+
+def le_sequence(lines, name):
+    return [re.search(r'le="([^"]+)"', l).group(1) for l in lines if l.startswith(f"{name}_bucket")]
+
+
+def help_type(lines, name):
+    return [l for l in lines if l.startswith(f"# HELP {name} ") or l.startswith(f"# TYPE {name} ")]
+
+
+def one_series(lines, name, device, operation):
+    return [l for l in lines if l.startswith(name) and f'device="{device}"' in l and f'operation="{operation}"' in l]
+
+
+def test_promtool_accepts_the_exposition(agent, loop):
+    require_tool("promtool")
+    direct_io(loop.path, "read", 4096, 3)
+    body = agent.metrics_text()
+    r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    # promtool exits 0 on a clean exposition; lint remarks would be printed with a non-zero exit.
+    assert r.returncode == 0, f"promtool: {r.stdout}{r.stderr}"
+
+
+def test_matches_the_seed_sample_structurally(agent, loop):
+    direct_io(loop.path, "write", 4096, 3)
+    ours = agent.metrics_text().splitlines()
+    latency_seed, size_seed = seed_blocks()
+    for seed, name in ((latency_seed, "ebpf_bio_req_latency"), (size_seed, "ebpf_bio_req_size")):
+        assert help_type(ours, name) == help_type(seed, name)
+        mine = one_series(ours, name, loop.name, "write")
+        assert le_sequence(mine, name) == le_sequence(seed, name)
+        # Same sample kinds in the same order: buckets, then _sum, then _count.
+        kinds = lambda ls: [re.match(rf"{name}(_bucket|_sum|_count)", l).group(1) for l in ls if l.startswith(name)]
+        assert kinds(mine) == kinds(seed)
+        # Seed labels come first, in the seed's order; `node` is added beside them.
+        first = mine[0]
+        assert re.match(rf'{name}_bucket\{{device="{loop.name}",operation="write",node="test-node",le="1"\}} \d+$', first), first
+
+
+def test_content_type_is_text_0_0_4(agent):
+    status, _, headers = agent.get("/metrics")
+    assert status == 200
+    content_type = {k.lower(): v for k, v in headers.items()}["content-type"]
+    assert content_type.startswith("text/plain; version=0.0.4")
+
+
+def test_series_appear_only_after_io(agent_factory, loop):
+    agent = agent_factory("--device-include", loop.name)
+    text = agent.metrics_text()
+    assert "# TYPE ebpf_bio_req_latency histogram" in text
+    assert f'device="{loop.name}"' not in text
+    direct_io(loop.path, "read", 4096, 1)
+    text = agent.metrics_text()
+    assert f'ebpf_bio_req_latency_count{{device="{loop.name}",operation="read"' in text
+    assert f'device="{loop.name}",operation="write"' not in text
+
+
+def test_health_endpoints(agent):
+    assert agent.get("/healthz")[0] == 200
+    assert agent.get("/readyz")[0] == 200
