@@ -37,6 +37,8 @@ metadata:
     beta.kubernetes.io/os: linux
     beta.kubernetes.io/arch: amd64
     node.kubernetes.io/instance-type: kwok
+    topology.kubernetes.io/region: kwok-region
+    topology.kubernetes.io/zone: kwok-zone-a
     node-role.kubernetes.io/worker: ""
 spec: {}
 status:

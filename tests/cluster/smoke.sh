@@ -163,20 +163,24 @@ check "helm3 install --wait (kubeVersion >=1.37 against the server)" \
 check "helm3 list shows smoke3 deployed" bash -c 'helm3 list -n helm3 | grep -E "^smoke3\s.*deployed"'
 
 # -------------------------------------------------------------- loopback --
-check "every component listens on 127.0.0.1 only" bash -c '
+check "every component listens on 127.0.0.1 only and talks to 127.0.0.1 only" bash -c '
   bad=0
   while read -r name pid exe; do
     addrs=$(ss -Htlnp | grep "pid=$pid," | awk "{print \$4}")
     [[ -n "$addrs" ]] || { echo "$name: no listening socket"; bad=1; }
     while read -r a; do [[ -z "$a" || "$a" == 127.0.0.1:* ]] || { echo "$name listens on $a"; bad=1; }; done <<<"$addrs"
+    peers=$(ss -Htnp | grep "pid=$pid," | awk "{print \$4, \$5}")
+    while read -r l r; do [[ -z "$l" || ( "$l" == 127.0.0.1:* && "$r" == 127.0.0.1:* ) ]] || { echo "$name has a connection $l -> $r"; bad=1; }; done <<<"$peers"
   done < "$1/pids"
   exit $bad' _ "$W"
 check "kubernetes Service has no Endpoints pointing anywhere" bash -c '
   ! kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes -o jsonpath="{.items[*].endpoints[*].addresses[*]}" | grep -q .'
 
 # ------------------------------------------------------------------- down --
-pids="$(awk '{print $2}' "$W/pids")"
-check "down.sh stops every component" bash -c '"$1" "$2" && for p in $3; do ! kill -0 "$p" 2>/dev/null || { echo "pid $p still alive"; exit 1; }; done' _ "$HERE/down.sh" "$W" "$pids"
+cp "$W/pids" "$W/pids.before-down"
+check "down.sh stops every component" bash -c '
+  source "$1/lib.sh"; "$1/down.sh" "$2" || exit 1
+  while read -r name pid exe; do ! pid_alive "$pid" "$exe" || { echo "$name ($pid) still alive"; exit 1; }; done < "$2/pids.before-down"' _ "$HERE" "$W"
 
 summary
 ((FAIL == 0))
