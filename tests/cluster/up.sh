@@ -297,8 +297,10 @@ export no_proxy='$no_proxy'
 EOF
 
 # Prove kwok really manages annotated nodes: a probe node must turn Ready.
-"$CLUSTER_DIR/add-nodes.sh" "$W" 1 kwok-probe >/dev/null || fail kwok "kwok did not make a probe node Ready"
-kc delete node kwok-probe-0 --wait=true >/dev/null || fail "" "could not delete the probe node"
+CLUSTER_TIMEOUT="$TIMEOUT" "$CLUSTER_DIR/add-nodes.sh" "$W" 1 kwok-probe >"$LOGS/probe.log" 2>&1 ||
+  { cat "$LOGS/probe.log" >&2; fail kwok "kwok did not make a probe node Ready"; }
+kc delete node kwok-probe-0 --wait=true >>"$LOGS/probe.log" 2>&1 || fail probe "could not delete the probe node"
+log "kwok manages annotated nodes (probe node turned Ready)"
 
 STARTED=() # success: the cluster belongs to the caller now (down.sh)
 log "cluster up in $((SECONDS - T0))s: $APISERVER (source $W/env)"
