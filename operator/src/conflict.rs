@@ -164,8 +164,13 @@ pub fn describe(conflicts: &[Conflict]) -> String {
             } else {
                 String::new()
             };
+            let (noun, verb) = if c.nodes.len() == 1 {
+                ("node", "is")
+            } else {
+                ("nodes", "are")
+            };
             format!(
-                "nodes {}{suffix} are already monitored by BioMonitor {}",
+                "{noun} {}{suffix} {verb} already monitored by BioMonitor {}",
                 shown.join(", "),
                 c.with
             )
@@ -435,5 +440,10 @@ mod tests {
             ),
             "{msg}"
         );
+        let one = describe(&[Conflict {
+            with: "monitoring/first".into(),
+            nodes: vec!["node-1".into()],
+        }]);
+        assert!(one.starts_with("node node-1 is already monitored"), "{one}");
     }
 }

@@ -36,6 +36,7 @@ use crate::{
     conflict::{self, Verdict},
     crd::{BioMonitor, BioMonitorStatus},
     error::is_not_found,
+    leader::Fence,
     metrics::Metrics,
     names,
     resources::{self, servicemonitor, ServiceMonitor},
@@ -50,6 +51,8 @@ pub struct Context {
     pub settings: Settings,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// Checked right before every write; closed once leadership may be lost.
+    pub fence: Fence,
     /// All BioMonitors (the controller's own cache), for the conflict rule.
     pub monitors: Store<BioMonitor>,
     /// All nodes, for the conflict rule.
@@ -71,6 +74,7 @@ pub async fn run(
     settings: Settings,
     metrics: Metrics,
     reporter: Reporter,
+    fence: Fence,
 ) -> Result<()> {
     let monitors = Api::<BioMonitor>::all(client.clone());
     // Fail with a clear message instead of a watch retrying forever.
@@ -119,6 +123,7 @@ pub async fn run(
         client,
         settings,
         metrics,
+        fence,
         monitors: controller.store(),
         nodes: nodes.clone(),
         reconcile_all,
@@ -213,7 +218,7 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(names::FIELD_MANAGER).force()
 }
 
-async fn apply_namespaced<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+async fn apply_namespaced<K>(ctx: &Context, ns: &str, obj: &K) -> Result<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -221,7 +226,8 @@ where
         + Serialize
         + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    ctx.fence.check()?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let name = obj
         .meta()
         .name
@@ -233,10 +239,11 @@ where
 }
 
 /// Deletes `name`; already gone is fine.
-async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
+async fn delete_ignoring_missing<K>(fence: &Fence, api: &Api<K>, name: &str) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
+    fence.check()?;
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
@@ -280,18 +287,18 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         (ds, ServiceMonitorState::Unchanged)
     } else {
         let children = resources::desired(&bm, &ctx.settings)?;
-        apply_namespaced(client, &namespace, &children.service_account).await?;
+        apply_namespaced(ctx, &namespace, &children.service_account).await?;
         apply_cluster_role_binding(&bm, ctx, children.cluster_role_binding.as_ref()).await?;
-        apply_namespaced(client, &namespace, &children.service).await?;
+        apply_namespaced(ctx, &namespace, &children.service).await?;
         let sm = apply_service_monitor(&bm, ctx, children.service_monitor.as_ref()).await?;
         let ds = if let Some(message) = &node_conflict {
-            delete_ignoring_missing(&ds_api, &ds_name).await?;
+            delete_ignoring_missing(&ctx.fence, &ds_api, &ds_name).await?;
             DaemonSetState::NotRolledOut {
                 reason: conditions::reason::NODE_CONFLICT,
                 message: message.clone(),
             }
         } else {
-            let ds = apply_namespaced(client, &namespace, &children.daemonset).await?;
+            let ds = apply_namespaced(ctx, &namespace, &children.daemonset).await?;
             DaemonSetState::Observed {
                 generation: ds.metadata.generation,
                 status: ds.status,
@@ -314,6 +321,7 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     let status = compute_status(bm.status.as_ref(), &observation, &now);
     publish_transition_events(&bm, ctx, bm.status.as_ref(), &status).await;
     if bm.status.as_ref() != Some(&status) {
+        ctx.fence.check()?;
         let api: Api<BioMonitor> = Api::namespaced(client.clone(), &namespace);
         api.patch_status(
             &bm.name_any(),
@@ -355,11 +363,14 @@ async fn apply_cluster_role_binding(
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
     match desired {
         Some(crb) => {
+            ctx.fence.check()?;
             let name = crb.name_any();
             api.patch(&name, &apply_params(), &Patch::Apply(crb))
                 .await?;
         }
-        None => delete_ignoring_missing(&api, &names::cluster_role_binding_name(bm)).await?,
+        None => {
+            delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(bm)).await?
+        }
     }
     Ok(())
 }
@@ -376,6 +387,7 @@ async fn apply_service_monitor(
         &servicemonitor::api_resource(),
     );
     let name = names::child_name(bm);
+    ctx.fence.check()?;
     let result = match desired {
         Some(sm) => api
             .patch(&name, &apply_params(), &Patch::Apply(sm))
@@ -406,7 +418,7 @@ async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     // Namespaced children go with their owner references; only the
     // cluster-scoped binding needs deleting by hand.
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    delete_ignoring_missing(&api, &names::cluster_role_binding_name(&bm)).await?;
+    delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(&bm)).await?;
     if let Some(uid) = bm.uid() {
         lock(&ctx.fanned_out).remove(&uid);
     }

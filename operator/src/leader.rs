@@ -15,6 +15,7 @@ use std::{
     collections::hash_map::RandomState,
     future::Future,
     hash::{BuildHasher, Hasher},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -83,9 +84,66 @@ pub fn unique_identity(base: &str) -> String {
     format!("{base}_{:08x}", hasher.finish() as u32)
 }
 
+/// Write permission shared between the elector and the controller. Dropping
+/// the controller on lost leadership stops it, but a process that was paused
+/// (SIGSTOP, a long GC-like stall, a frozen VM) can resume with reconciles
+/// already past their own checks; those consult the fence right before each
+/// write, and the fence expires on the monotonic clock at the renew deadline.
+#[derive(Clone, Debug)]
+pub struct Fence(Arc<Mutex<Option<Instant>>>);
+
+impl Fence {
+    /// Always open: for running without leader election.
+    pub fn open() -> Self {
+        Self(Arc::new(Mutex::new(None)))
+    }
+
+    fn closed() -> Self {
+        Self(Arc::new(Mutex::new(Some(Instant::now()))))
+    }
+
+    fn valid_until(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+    }
+
+    fn close(&self) {
+        self.valid_until(Instant::now());
+    }
+
+    /// `Err(LeadershipLost)` once the renew deadline has passed.
+    pub fn check(&self) -> Result<()> {
+        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(deadline) if Instant::now() >= deadline => Err(Error::LeadershipLost(
+                "renew deadline passed; refusing to write".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The record a successful acquire or renew writes: acquireTime and
+/// leaseTransitions change only when the holder changes.
+pub fn next_spec(cfg: &LeaseConfig, current: Option<&LeaseSpec>, now: MicroTime) -> LeaseSpec {
+    let current = current.cloned().unwrap_or_default();
+    let already_mine = current.holder_identity.as_deref() == Some(&cfg.identity);
+    LeaseSpec {
+        holder_identity: Some(cfg.identity.clone()),
+        lease_duration_seconds: Some(cfg.lease_duration.as_secs().max(1) as i32),
+        acquire_time: if already_mine {
+            current.acquire_time.clone().or(Some(now.clone()))
+        } else {
+            Some(now.clone())
+        },
+        renew_time: Some(now),
+        lease_transitions: Some(current.lease_transitions.unwrap_or(0) + i32::from(!already_mine)),
+        ..current
+    }
+}
+
 pub struct LeaderElector {
     api: Api<Lease>,
     cfg: LeaseConfig,
+    fence: Fence,
     /// Last lease record seen and when it was first seen in that state.
     observed: Option<(LeaseSpec, Instant)>,
 }
@@ -95,8 +153,14 @@ impl LeaderElector {
         Self {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
+            fence: Fence::closed(),
             observed: None,
         }
+    }
+
+    /// The fence to hand to the controller; open only while leading.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
     }
 
     pub fn identity(&self) -> &str {
@@ -112,6 +176,7 @@ impl LeaderElector {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
                     tracing::info!(identity = %self.cfg.identity, lease = %self.cfg.name, "acquired leadership");
+                    self.fence.valid_until(started + self.cfg.renew_deadline);
                     return started;
                 }
                 Ok(false) => {
@@ -134,10 +199,12 @@ impl LeaderElector {
         acquired_at: Instant,
         work: F,
     ) -> Result<F::Output> {
-        tokio::select! {
+        let result = tokio::select! {
             out = work => Ok(out),
             lost = self.keep_renewing(acquired_at) => Err(lost),
-        }
+        };
+        self.fence.close();
+        result
     }
 
     async fn keep_renewing(&mut self, mut last_renewal: Instant) -> Error {
@@ -151,7 +218,10 @@ impl LeaderElector {
                 );
             }
             match timeout(deadline - started, self.try_acquire_or_renew()).await {
-                Ok(Ok(true)) => last_renewal = started,
+                Ok(Ok(true)) => {
+                    last_renewal = started;
+                    self.fence.valid_until(started + self.cfg.renew_deadline);
+                }
                 Ok(Ok(false)) => {
                     return Error::LeadershipLost(format!(
                         "lease taken over by {}",
@@ -204,22 +274,7 @@ impl LeaderElector {
     }
 
     fn desired_spec(&self, current: Option<&LeaseSpec>, now: MicroTime) -> LeaseSpec {
-        let current = current.cloned().unwrap_or_default();
-        let already_mine = current.holder_identity.as_deref() == Some(&self.cfg.identity);
-        LeaseSpec {
-            holder_identity: Some(self.cfg.identity.clone()),
-            lease_duration_seconds: Some(self.cfg.lease_duration.as_secs().max(1) as i32),
-            acquire_time: if already_mine {
-                current.acquire_time.clone().or(Some(now.clone()))
-            } else {
-                Some(now.clone())
-            },
-            renew_time: Some(now),
-            lease_transitions: Some(
-                current.lease_transitions.unwrap_or(0) + i32::from(!already_mine),
-            ),
-            ..current
-        }
+        next_spec(&self.cfg, current, now)
     }
 
     /// One round of client-go's tryAcquireOrRenew. `Ok(false)`: someone else
@@ -303,6 +358,47 @@ mod tests {
             ..cfg()
         };
         assert!(bad.validate().is_err());
+    }
+
+    fn at(s: i64) -> MicroTime {
+        MicroTime(Timestamp::from_second(s).unwrap())
+    }
+
+    #[test]
+    fn taking_over_counts_a_transition_and_renewing_does_not() {
+        let cfg = cfg();
+        let theirs = LeaseSpec {
+            holder_identity: Some("them".into()),
+            acquire_time: Some(at(1)),
+            renew_time: Some(at(5)),
+            lease_transitions: Some(3),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        };
+        let mine = next_spec(&cfg, Some(&theirs), at(30));
+        assert_eq!(mine.holder_identity.as_deref(), Some("me"));
+        assert_eq!(mine.acquire_time, Some(at(30)));
+        assert_eq!(mine.lease_transitions, Some(4));
+        assert_eq!(mine.lease_duration_seconds, Some(15));
+
+        let renewed = next_spec(&cfg, Some(&mine), at(32));
+        assert_eq!(renewed.acquire_time, Some(at(30)));
+        assert_eq!(renewed.renew_time, Some(at(32)));
+        assert_eq!(renewed.lease_transitions, Some(4));
+
+        let fresh = next_spec(&cfg, None, at(40));
+        assert_eq!(fresh.lease_transitions, Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_closes_at_the_deadline() {
+        assert!(Fence::open().check().is_ok());
+        let fence = Fence::closed();
+        assert!(fence.check().is_err());
+        fence.valid_until(Instant::now() + Duration::from_secs(10));
+        assert!(fence.check().is_ok());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(fence.check(), Err(Error::LeadershipLost(_))));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use bio_operator::{
     controller, http, install,
-    leader::{unique_identity, LeaderElector, LeaseConfig},
+    leader::{unique_identity, Fence, LeaderElector, LeaseConfig},
     metrics::Metrics,
     names,
     settings::{Settings, DEFAULT_AGENT_IMAGE},
@@ -210,16 +210,17 @@ async fn run(args: Args) -> Result<()> {
         let client = client.clone();
         let metrics = metrics.clone();
         let manage_crd = args.manage_crd;
-        move || {
+        move |fence: Fence| {
             let client = client.clone();
             let settings = settings.clone();
             let metrics = metrics.clone();
             let reporter = reporter.clone();
             async move {
                 if manage_crd {
+                    fence.check()?;
                     install::apply_crd(client.clone(), Duration::from_secs(60)).await?;
                 }
-                controller::run(client, settings, metrics, reporter).await
+                controller::run(client, settings, metrics, reporter, fence).await
             }
         }
     };
@@ -230,7 +231,7 @@ async fn run(args: Args) -> Result<()> {
         None => {
             metrics.leader.set(1);
             tokio::select! {
-                res = work() => res,
+                res = work(Fence::open()) => res,
                 _ = &mut shutdown => Ok(()),
             }
         }
@@ -244,7 +245,7 @@ async fn run(args: Args) -> Result<()> {
                 };
                 metrics.leader.set(1);
                 let outcome = tokio::select! {
-                    res = elector.run_while_leader(acquired_at, work()) => res,
+                    res = elector.run_while_leader(acquired_at, work(elector.fence())) => res,
                     _ = &mut shutdown => {
                         metrics.leader.set(0);
                         break Ok(());
