@@ -132,7 +132,6 @@ check "RBAC stays scoped: the SA still cannot list pods in kube-system" bash -c 
   '! kubectl --kubeconfig "$1" get pods -n kube-system 2>/dev/null' _ "$W/nobody.kubeconfig"
 
 # ------------------------------------------------------------------- helm --
-export HELM_CACHE_HOME="$W/helm/cache" HELM_CONFIG_HOME="$W/helm/config" HELM_DATA_HOME="$W/helm/data"
 hv4="$(helm version --short 2>&1)"; hv3="$(helm3 version --short 2>&1)"
 if [[ "$hv4" == v4.* ]]; then ok "helm version: $hv4"; else not_ok "helm (v4) version" "$hv4"; fi
 if [[ "$hv3" == v3.* ]]; then ok "helm3 version: $hv3"; else not_ok "helm3 version" "$hv3"; fi

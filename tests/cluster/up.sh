@@ -35,7 +35,7 @@ STAGES="$(dirname "$BIN")/kwok-stages.yaml"
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
 
 PKI="$W/pki" LOGS="$W/logs"
-rm -rf "$PKI" "$W/etcd" "$W/kubeconfig" "$W/config" "$W/env" "$W/pids"
+rm -rf "$PKI" "$W/etcd" "$W/kubeconfig" "$W/config" "$W/cache" "$W/env" "$W/pids"
 mkdir -p "$PKI" "$LOGS" "$W/kubeconfig" "$W/config" "$W/etcd"
 chmod 700 "$PKI" "$W/etcd"
 : > "$W/pids"
@@ -47,7 +47,8 @@ pick_port() { # VAR: a random free 127.0.0.1 TCP port, unique within this run
   for ((i = 0; i < 200; i++)); do
     p=$((20000 + RANDOM % 12000)) # below the ephemeral range (32768+)
     [[ -z "${USED[$p]:-}" ]] || continue
-    [[ -z "$(ss -Htan "sport = :$p" 2>/dev/null)" ]] || continue
+    # In use if any TCP socket (any state, v4 or v6) has it as local port.
+    ! grep -qi ":$(printf '%04X' "$p") " /proc/net/tcp /proc/net/tcp6 2>/dev/null || continue
     USED[$p]=1
     printf -v "$1" '%s' "$p"
     return 0
@@ -149,6 +150,14 @@ start() { # name binary args...
 
 fail() { # component message
   echo "up.sh: error: $2" >&2
+  # Lost a race for a port with another process: start over on new ports.
+  if [[ -n "$1" && -f "$LOGS/$1.log" ]] && grep -q 'address already in use' "$LOGS/$1.log" &&
+     (( ${UP_ATTEMPT:-1} < 3 )); then
+    echo "up.sh: $1 could not bind its port; retrying with new ports" >&2
+    "$CLUSTER_DIR/down.sh" "$W" >&2 || true
+    STARTED=()
+    UP_ATTEMPT=$(( ${UP_ATTEMPT:-1} + 1 )) exec "$CLUSTER_DIR/up.sh" "$W"
+  fi
   if [[ -n "$1" && -f "$LOGS/$1.log" ]]; then
     echo "---- last 40 lines of $LOGS/$1.log ----" >&2
     tail -n 40 "$LOGS/$1.log" >&2
@@ -293,6 +302,11 @@ export SA_PUBLIC_KEY='$PKI/sa.pub'
 export SA_ISSUER='$SA_ISSUER'
 export CLUSTER_LOGS='$LOGS'
 export NO_PROXY='$NO_PROXY'
+# Keep kubectl's discovery cache and Helm's config/cache/data in the workdir.
+export KUBECACHEDIR='$W/cache/kube'
+export HELM_CACHE_HOME='$W/cache/helm'
+export HELM_CONFIG_HOME='$W/config/helm'
+export HELM_DATA_HOME='$W/cache/helm-data'
 export no_proxy='$no_proxy'
 EOF
 
