@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the cluster started by up.sh <workdir>: SIGTERM every recorded process
-# (newest first), SIGKILL what is still alive after 15 s. Safe to call twice,
+# Stop the cluster started by up.sh <workdir>: SIGTERM the recorded processes
+# (kwok/scheduler/KCM, then kube-apiserver, then etcd), SIGKILL whatever is
+# still alive 10 s after its SIGTERM. Safe to call twice,
 # from a trap, or on a half-started cluster. Leaves <workdir> (logs) in place;
 # pass --purge to delete the workdir as well.
 # Usage: down.sh <workdir> [--purge]
@@ -11,27 +12,40 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ -d "$1" ]] || { log "$1 does not exist, nothing to stop"; exit 0; }
 W="$(cd "$1" && pwd)"
 
-if [[ -f "$W/pids" ]]; then
-  mapfile -t lines < <(tac "$W/pids")
-  live=()
+# stop_group NAME...: SIGTERM the live processes of these names, wait up to
+# 10 s, SIGKILL the rest. Clients first, then the apiserver, then etcd, so
+# each can shut down cleanly while its backend is still there.
+stopped=()
+stop_group() {
+  local want=" $* " l name pid exe live=() deadline
   for l in "${lines[@]}"; do
     read -r name pid exe <<<"$l"
+    [[ "$want" == "  " || "$want" == *" $name "* ]] || continue
     if pid_alive "$pid" "$exe"; then
       kill -TERM "$pid" 2>/dev/null || true
       live+=("$name:$pid:$exe")
     fi
   done
-  deadline=$((SECONDS + 15))
-  for e in "${live[@]}"; do
-    IFS=: read -r name pid exe <<<"$e"
+  deadline=$((SECONDS + 10))
+  for l in "${live[@]}"; do
+    IFS=: read -r name pid exe <<<"$l"
     while pid_alive "$pid" "$exe" && ((SECONDS < deadline)); do sleep 0.2; done
     if pid_alive "$pid" "$exe"; then
-      log "$name ($pid) ignored SIGTERM, sending SIGKILL"
+      log "$name ($pid) ignored SIGTERM for 10 s, sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
+    stopped+=("$name")
   done
+}
+
+if [[ -f "$W/pids" ]]; then
+  mapfile -t lines < <(grep -vE '^(kube-apiserver|etcd) ' "$W/pids" | tac)
+  stop_group # everything but apiserver and etcd (kwok, scheduler, KCM, ...)
+  mapfile -t lines < "$W/pids"
+  stop_group kube-apiserver
+  stop_group etcd
   : > "$W/pids"
-  ((${#live[@]} == 0)) || log "stopped ${#live[@]} processes (${live[*]%%:*})"
+  ((${#stopped[@]} == 0)) || log "stopped ${#stopped[@]} processes (${stopped[*]})"
 fi
 
 if [[ "${2:-}" == --purge ]]; then
