@@ -17,7 +17,7 @@ enum Source {
     Kernel {
         reader: MapReader,
         ops: OpNames,
-        _attached: Box<bpf::Attached>,
+        attached: Box<bpf::Attached>,
     },
     Agent {
         url: String,
@@ -32,7 +32,7 @@ pub async fn run(args: HistogramArgs) -> Result<(), AgentError> {
             Source::Kernel {
                 reader: attached.reader(),
                 ops: attached.facts.ops.clone(),
-                _attached: Box::new(attached),
+                attached: Box::new(attached),
             }
         }
     };
@@ -48,8 +48,14 @@ pub async fn run(args: HistogramArgs) -> Result<(), AgentError> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         let hists = match &source {
-            Source::Kernel { reader, ops, .. } => {
-                name_hists(&reader.snapshot()?, &namer, &filter, ops)
+            Source::Kernel {
+                reader,
+                ops,
+                attached,
+            } => {
+                let snap = reader.snapshot()?;
+                attached.refresh(Some(&snap));
+                name_hists(&snap, &namer, &filter, ops)
             }
             Source::Agent { url } => {
                 let url = url.clone();

@@ -10,13 +10,14 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::bpf::MapReader;
+use crate::bpf::{Attached, MapReader};
 use crate::devices::{DeviceFilter, DeviceNamer};
 use crate::metrics::{name_hists, render_text, Labels, TEXT_CONTENT_TYPE};
 use crate::ops::OpNames;
 
 /// Everything a scrape needs, set once the programs are attached.
 pub struct Source {
+    pub attached: Arc<Attached>,
     pub reader: MapReader,
     pub namer: DeviceNamer,
     pub filter: DeviceFilter,
@@ -97,6 +98,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let rendered = tokio::task::spawn_blocking(move || {
         let source = state2.source.get().expect("checked above");
         source.reader.snapshot().map(|snap| {
+            // The host may have changed since the last scrape (a disk appeared): attach what it
+            // needs now, then report what was counted.
+            source.attached.refresh(Some(&snap));
             let hists = name_hists(&snap, &source.namer, &source.filter, &source.ops);
             render_text(hists, &snap, &source.labels)
         })

@@ -101,8 +101,9 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let server = tokio::spawn(async move { server.await });
     tracing::info!(listen = %args.listen, node = %node, "serving /metrics, /healthz, /readyz");
 
-    let attached = bpf::attach(args.bpf.attach)?;
+    let attached = std::sync::Arc::new(bpf::attach(args.bpf.attach)?);
     state.set_source(http::Source {
+        attached: attached.clone(),
         reader: attached.reader(),
         namer: DeviceNamer::default(),
         filter,
@@ -116,7 +117,7 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
 
     let served = server.await;
     // Detach before reporting: the programs must be gone once the process says it stopped.
-    drop(attached);
+    attached.detach();
     tracing::info!("BPF programs detached; exiting");
     match served {
         Ok(Ok(())) => Ok(()),

@@ -16,6 +16,8 @@ pub const LOST_REASONS: [&str; 4] = [
     "hist_map_full",
     "partial_map_full",
 ];
+/// Index of LOST_NO_START_TIME in LOST_REASONS.
+pub const LOST_NO_START_TIME: usize = 1;
 
 /// The kernel's in-flight tables, as the `table` label.
 pub const INFLIGHT_TABLES: [&str; 2] = ["starts", "partials"];

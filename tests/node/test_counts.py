@@ -45,6 +45,8 @@ def test_read_write_counts_and_sizes_match_sysfs(agent_factory, loop, mode):
     assert deltas(m0, m1, f"{LAT}_bucket", operation="write", le="2.147483648e+09", **dev) == 30
     assert deltas(m0, m1, f"{LAT}_sum", operation="write", **dev) > 0
     assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # Every remembered issue time was taken back at completion.
+    wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -71,6 +73,8 @@ def test_flush_and_discard_have_their_own_operations(agent_factory, loop, mode, 
     # fsync'd writes go through the kernel's flush sequence; each still counts once, as in stat.
     assert deltas(m0, m1, f"{LAT}_count", operation="write", **dev) == d["write_ios"]
     assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # Every remembered issue time was taken back at completion.
+    wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
 
     s2 = read_stat(loop.name)
     sh("blkdiscard", "-o", "0", "-l", str(4 << 20), loop.path)
@@ -141,3 +145,36 @@ def test_device_exclude_wins_over_include(agent_factory, loop_factory):
     direct_io(b.path, "read", 4096, 5)
     devices = {l["device"] for n, l, _ in agent.samples() if n == f"{LAT}_count"}
     assert a.name in devices and b.name not in devices
+
+
+@pytest.fixture
+def wbt():
+    """Sets queue/wbt_lat_usec; restores each device's value (it outlives losetup -d)."""
+    saved = {}
+
+    def set_wbt(dev, usec):
+        path = f"/sys/block/{dev}/queue/wbt_lat_usec"
+        with open(path) as f:
+            saved.setdefault(path, f.read().strip())
+        with open(path, "w") as f:
+            f.write(str(usec))
+
+    yield set_wbt
+    for path, value in saved.items():
+        with open(path, "w") as f:
+            f.write(value)
+
+
+def test_a_queue_without_stats_gets_issue_stamps_from_the_start(agent_factory, loop, wbt):
+    # Writeback throttling is what turns a loop queue's stats on: off, the kernel stamps no issue
+    # time, and the agent must stamp it itself.
+    wbt(loop.name, 0)
+    agent = agent_factory("--device-include", loop.name)
+    assert "issue-time programs attached" in agent.logs()
+    m0, s0 = agent.samples(), read_stat(loop.name)
+    direct_io(loop.path, "read", 4096, 40)
+    m1, s1 = agent.samples(), read_stat(loop.name)
+    assert deltas(m0, m1, f"{LAT}_count", device=loop.name, operation="read") == stat_delta(s0, s1)["read_ios"] == 40
+    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # Every remembered issue time was taken back at completion.
+    wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")

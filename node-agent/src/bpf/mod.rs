@@ -5,15 +5,20 @@
 //! from cheapest to most portable and keeps the first that attaches, logging why others did not.
 pub mod kernel_facts;
 mod skel;
+mod topology;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
 
-use crate::snapshot::{parse_key, DeviceOpHist, LayoutError, Snapshot, LOST_REASONS};
+use crate::snapshot::{
+    parse_key, DeviceOpHist, LayoutError, Snapshot, LOST_NO_START_TIME, LOST_REASONS,
+};
 use kernel_facts::{tracepoint_fields, KernelFacts, TracepointFields};
 use skel::{BioSkel, BioSkelBuilder};
 
@@ -52,42 +57,49 @@ const PROBE_ORDER: [AttachMode; 4] = [
     AttachMode::Kprobe,
 ];
 
-/// A program of a mode, and whether the mode is useless without it.
+/// When a program is attached. Every program of the mode is loaded (and verified) at start;
+/// attaching is what costs time on every IO, so programs that only some hosts need wait until
+/// the host needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Always attached; the mode fails without it.
+    Core,
+    /// Issue-time stamps, only for request queues that do not keep their own (see bio.bpf.c).
+    Issue,
+    /// Bio tracepoints, only while a bio-based disk (zram, dm, md) exists.
+    Bio,
+}
+
 struct ModeProgram {
     name: &'static str,
-    required: bool,
+    role: Role,
 }
 
-const fn req(name: &'static str) -> ModeProgram {
-    ModeProgram {
-        name,
-        required: true,
-    }
-}
-
-/// Bio-based disks only exist on some hosts, and these tracepoints only on newer kernels:
-/// without them request-based disks are still measured.
-const fn opt(name: &'static str) -> ModeProgram {
-    ModeProgram {
-        name,
-        required: false,
-    }
+const fn prog(name: &'static str, role: Role) -> ModeProgram {
+    ModeProgram { name, role }
 }
 
 const TP_BTF_PROGRAMS: &[ModeProgram] = &[
-    req("btf_rq_issue"),
-    req("btf_rq_complete"),
-    opt("btf_bio_queue"),
-    opt("btf_bio_complete"),
+    prog("btf_rq_complete", Role::Core),
+    prog("btf_rq_issue", Role::Issue),
+    prog("btf_bio_queue", Role::Bio),
+    prog("btf_bio_complete", Role::Bio),
 ];
 const RAW_TP_PROGRAMS: &[ModeProgram] = &[
-    req("raw_rq_issue"),
-    req("raw_rq_complete"),
-    opt("raw_bio_queue"),
-    opt("raw_bio_complete"),
+    prog("raw_rq_complete", Role::Core),
+    prog("raw_rq_issue", Role::Issue),
+    prog("raw_bio_queue", Role::Bio),
+    prog("raw_bio_complete", Role::Bio),
 ];
-const TRACEPOINT_PROGRAMS: &[ModeProgram] = &[req("tp_rq_issue"), req("tp_rq_complete")];
-const KPROBE_PROGRAMS: &[ModeProgram] = &[req("kp_rq_issue"), req("kp_rq_complete")];
+// Classic tracepoints and kprobes see no issue stamp at completion: they always need both.
+const TRACEPOINT_PROGRAMS: &[ModeProgram] = &[
+    prog("tp_rq_issue", Role::Core),
+    prog("tp_rq_complete", Role::Core),
+];
+const KPROBE_PROGRAMS: &[ModeProgram] = &[
+    prog("kp_rq_issue", Role::Core),
+    prog("kp_rq_complete", Role::Core),
+];
 
 fn programs(mode: AttachMode) -> &'static [ModeProgram] {
     match mode {
@@ -116,18 +128,115 @@ pub enum BpfError {
     Layout(#[from] LayoutError),
 }
 
-/// Attached programs. Dropping this detaches and unloads them.
+/// Loaded programs and the links of those attached so far. Dropping this unloads them.
 pub struct Attached {
     pub mode: AttachMode,
     pub facts: KernelFacts,
-    _links: Vec<Link>,
-    _skel: BioSkel<'static>,
     maps: MapReader,
+    state: Mutex<AttachState>,
+    sys_block: PathBuf,
 }
+
+struct AttachState {
+    skel: BioSkel<'static>,
+    links: HashMap<&'static str, Link>,
+}
+
+// SAFETY: the skeleton holds raw pointers into libbpf's bpf_object, which has no thread affinity;
+// libbpf is not safe for concurrent use, and every use goes through the Mutex around this state.
+unsafe impl Send for AttachState {}
 
 impl Attached {
     pub fn reader(&self) -> MapReader {
         self.maps.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AttachState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn has_role(&self, role: Role) -> bool {
+        programs(self.mode).iter().any(|p| p.role == role)
+    }
+
+    fn role_attached(&self, st: &AttachState, role: Role) -> bool {
+        programs(self.mode)
+            .iter()
+            .filter(|p| p.role == role)
+            .all(|p| st.links.contains_key(p.name))
+    }
+
+    fn attach_role(&self, st: &mut AttachState, role: Role) -> Result<(), String> {
+        for want in programs(self.mode).iter().filter(|p| p.role == role) {
+            if st.links.contains_key(want.name) {
+                continue;
+            }
+            let link = {
+                let prog = st
+                    .skel
+                    .object()
+                    .progs_mut()
+                    .find(|p| p.name() == want.name)
+                    .ok_or_else(|| format!("program {} missing from the BPF object", want.name))?;
+                prog.attach().map_err(|e| {
+                    format!(
+                        "programs loaded and passed the verifier, but attaching {} failed: {}",
+                        want.name,
+                        explain_attach_error(self.mode, &e)
+                    )
+                })?
+            };
+            st.links.insert(want.name, link);
+        }
+        Ok(())
+    }
+
+    /// Attaches what this host needs now. Called at start and on every scrape, so a host that
+    /// changes (a disk appears, a queue stops keeping stats) is covered without a restart.
+    pub fn refresh(&self, snapshot: Option<&Snapshot>) {
+        let mut st = self.lock();
+        if self.has_role(Role::Issue) && !self.role_attached(&st, Role::Issue) {
+            let missed = snapshot.map_or(0, |s| s.lost[LOST_NO_START_TIME]);
+            let reason = match topology::request_disk_without_stats(&self.sys_block) {
+                Some(disk) => Some(format!(
+                    "the request queue of {disk} keeps no issue stamps (wbt off)"
+                )),
+                None if missed > 0 => Some(format!("{missed} completions had no issue stamp")),
+                None => None,
+            };
+            if let Some(reason) = reason {
+                match self.attach_role(&mut st, Role::Issue) {
+                    Ok(()) => tracing::info!(%reason, "issue-time programs attached"),
+                    Err(e) => tracing::warn!(error = %e, "cannot attach issue-time programs"),
+                }
+            }
+        }
+        if self.has_role(Role::Bio) && !self.role_attached(&st, Role::Bio) {
+            if let Some(disk) = topology::bio_based_disk(&self.sys_block) {
+                match self.attach_role(&mut st, Role::Bio) {
+                    Ok(()) => {
+                        tracing::info!(%disk, "bio-based disk present: bio programs attached")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bio programs not attached: bio-based disks (zram, dm, md) are not measured")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Names of the attached programs, for logs.
+    pub fn attached_programs(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.lock().links.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Detaches every program now (the process is about to exit).
+    pub fn detach(&self) {
+        self.lock().links.clear();
     }
 }
 
@@ -314,8 +423,8 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         .open(storage)
         .map_err(|e| format!("opening BPF object: {e}"))?;
     for mut prog in open.open_object_mut().progs_mut() {
-        let name = prog.name().to_string_lossy().into_owned();
-        prog.set_autoload(wanted.iter().any(|p| p.name == name));
+        let load = wanted.iter().any(|p| p.name == prog.name());
+        prog.set_autoload(load);
     }
     let rodata = open
         .maps
@@ -340,37 +449,28 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
     let skel = open
         .load()
         .map_err(|e| format!("loading programs (verifier): {e}"))?;
-    let mut links = Vec::new();
-    for prog in skel.object().progs_mut() {
-        let name = prog.name().to_string_lossy().into_owned();
-        let Some(want) = wanted.iter().find(|p| p.name == name) else {
-            continue;
-        };
-        match prog.attach() {
-            Ok(link) => links.push(link),
-            Err(e) if want.required => {
-                return Err(format!(
-                    "programs loaded and passed the verifier, but attaching {name} failed: {}",
-                    explain_attach_error(mode, &e)
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(program = %name, error = %e, "optional program not attached: bio-based disks (zram, dm, md) are not measured")
-            }
-        }
-    }
     let maps = MapReader {
         hists: MapHandle::try_from(&skel.maps.hists).map_err(|e| e.to_string())?,
         lost: MapHandle::try_from(&skel.maps.lost_events).map_err(|e| e.to_string())?,
         bss: MapHandle::try_from(&skel.maps.bss).map_err(|e| e.to_string())?,
     };
-    Ok(Attached {
+    let attached = Attached {
         mode,
         facts: facts.clone(),
-        _links: links,
-        _skel: skel,
         maps,
-    })
+        state: Mutex::new(AttachState {
+            skel,
+            links: HashMap::new(),
+        }),
+        sys_block: PathBuf::from(topology::SYS_BLOCK),
+    };
+    {
+        let mut st = attached.lock();
+        attached.attach_role(&mut st, Role::Core)?;
+    }
+    attached.refresh(None);
+    tracing::info!(programs = ?attached.attached_programs(), "attached");
+    Ok(attached)
 }
 
 fn explain_attach_error(mode: AttachMode, e: &libbpf_rs::Error) -> String {

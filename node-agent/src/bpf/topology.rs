@@ -1,0 +1,88 @@
+//! What kinds of disks this host has, from sysfs: it decides which optional programs to attach.
+use std::path::Path;
+
+pub const SYS_BLOCK: &str = "/sys/block";
+
+/// blk-mq (request-based) disks have an `mq` directory; bio-based ones (zram, dm, md) do not.
+fn is_request_based(disk: &Path) -> bool {
+    disk.join("mq").is_dir()
+}
+
+/// Disks with no capacity (unbound loop devices, unconfigured zram) do no IO.
+fn has_capacity(disk: &Path) -> bool {
+    std::fs::read_to_string(disk.join("size"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+fn disks(sys_block: &Path) -> impl Iterator<Item = std::path::PathBuf> {
+    std::fs::read_dir(sys_block)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| has_capacity(p))
+}
+
+/// A request-based disk whose queue may not stamp `io_start_time_ns`. Writeback throttling
+/// (`queue/wbt_lat_usec` > 0) turns the queue's stats on; without it nothing visible says they are,
+/// so such a disk is taken as keeping none.
+pub fn request_disk_without_stats(sys_block: &Path) -> Option<String> {
+    disks(sys_block)
+        .filter(|d| is_request_based(d))
+        .find_map(|d| {
+            let wbt = std::fs::read_to_string(d.join("queue/wbt_lat_usec")).ok();
+            let stats_on = wbt
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|us| us > 0);
+            (!stats_on)
+                .then(|| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .flatten()
+        })
+}
+
+pub fn bio_based_disk(sys_block: &Path) -> Option<String> {
+    disks(sys_block)
+        .find(|d| !is_request_based(d))
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn disk(root: &Path, name: &str, size: u64, mq: bool, wbt: Option<u64>) {
+        let d = root.join(name);
+        fs::create_dir_all(d.join("queue")).unwrap();
+        fs::write(d.join("size"), format!("{size}\n")).unwrap();
+        if mq {
+            fs::create_dir_all(d.join("mq")).unwrap();
+        }
+        if let Some(w) = wbt {
+            fs::write(d.join("queue/wbt_lat_usec"), format!("{w}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn classifies_a_fake_sysfs() {
+        let root = std::env::temp_dir().join(format!("bio-topology-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        disk(&root, "vda", 100, true, Some(75000));
+        disk(&root, "zram0", 0, false, None);
+        disk(&root, "loop0", 0, true, None);
+        assert_eq!(request_disk_without_stats(&root), None);
+        assert_eq!(
+            bio_based_disk(&root),
+            None,
+            "an unconfigured zram does no IO"
+        );
+
+        disk(&root, "zram1", 8, false, None);
+        disk(&root, "sdb", 8, true, Some(0));
+        assert_eq!(bio_based_disk(&root).as_deref(), Some("zram1"));
+        assert_eq!(request_disk_without_stats(&root).as_deref(), Some("sdb"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
