@@ -171,8 +171,15 @@ pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action>
             FinalizerEvent::Cleanup(bm) => cleanup(bm, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        // A queued cleanup of a copy the cache still held: the object (and so
+        // the finalizer) is already gone.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) if is_not_found(&e) => {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
 
     ctx.metrics
         .reconcile_duration
