@@ -120,6 +120,27 @@ start_operator op-a "$PORT_A"
 PID_A=$LAST_PID
 wait_for 60 "operator A leads" leader_metric "$PORT_A"
 
+# ------------------------------------------------------ schema validation --
+# rejects NAME SPEC PATTERN: a server-side dry run must fail mentioning PATTERN.
+rejects() {
+  local out
+  if out="$(printf 'apiVersion: bioexporter.io/v1alpha1\nkind: BioMonitor\nmetadata: {name: %s, namespace: %s}\nspec: %s\n' "$1" "$AGENT_NS" "$2" \
+    | k apply --dry-run=server -f - 2>&1)"; then
+    bad "accepted: $1 $2"
+  elif [[ "$out" == *"$3"* ]]; then
+    ok "rejected: $1 $2"
+  else
+    bad "rejected for another reason: $out"
+  fi
+}
+rejects Bad.Name '{}' 'DNS-1035'
+rejects "$(printf 'a%.0s' {1..58})" '{}' 'at most 57'
+rejects disks '{agent: {port: 80}}' 'greater than or equal to 1024'
+rejects disks '{agent: {extraCapabilities: [CAP_SYS_RESOURCE]}}' 'without the CAP_ prefix'
+rejects disks '{serviceMonitor: {interval: 30s, scrapeTimeout: 1m}}' 'scrapeTimeout must not be longer than interval'
+rejects disks '{attach: fentry}' 'Unsupported value'
+rejects disks '{serviceMonitor: {interval: 5 minutes}}' 'should match'
+
 # ------------------------------------------------- reconcile & conditions --
 k apply -f - >/dev/null <<EOF
 apiVersion: bioexporter.io/v1alpha1
