@@ -15,7 +15,6 @@ pub fn minor(dev: u32) -> u32 {
     dev & MINOR_MASK
 }
 
-#[cfg(test)]
 pub fn mkdev(major: u32, minor: u32) -> u32 {
     (major << MINOR_BITS) | (minor & MINOR_MASK)
 }

@@ -50,6 +50,10 @@ pub fn name_hists(
 ) -> Vec<NamedHist> {
     let mut merged: BTreeMap<(String, String), DeviceOpHist> = BTreeMap::new();
     for h in &snapshot.hists {
+        // Entries made ahead of a pair's first IO (see Attached::precreate_entries) stay hidden.
+        if h.count() == 0 && h.errors == 0 {
+            continue;
+        }
         let device = namer.name(h.dev);
         if !filter.allows(&device) {
             continue;

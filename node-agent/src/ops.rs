@@ -71,6 +71,15 @@ impl OpNames {
         Self { names }
     }
 
+    /// The code of a named operation on this kernel.
+    pub fn code(&self, name: &str) -> Option<u32> {
+        self.names
+            .iter()
+            .filter(|(code, _)| **code < CLASSIC_OP_BASE)
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(c, _)| *c)
+    }
+
     /// Never fails: an op the kernel gained after this agent was built is still exported.
     pub fn name(&self, op: u32) -> String {
         match self.names.get(&op) {
@@ -97,6 +106,8 @@ mod tests {
         assert_eq!(ops.name(9), "write_zeroes");
         assert_eq!(ops.name(36), "op_36");
         assert_eq!(ops.name(3), "op_3");
+        assert_eq!(ops.code("write_zeroes"), Some(9));
+        assert_eq!(OpNames::current_kernel().code("flush"), Some(2));
     }
 
     #[test]

@@ -91,7 +91,6 @@ pub fn parse_key(bytes: &[u8]) -> Result<(u32, u32), LayoutError> {
     Ok((dev, op))
 }
 
-#[cfg(test)]
 pub fn key_bytes(dev: u32, op: u32) -> [u8; HIST_KEY_SIZE] {
     let mut k = [0u8; HIST_KEY_SIZE];
     k[0..4].copy_from_slice(&dev.to_ne_bytes());

@@ -48,6 +48,20 @@ impl KernelFacts {
     }
 }
 
+impl KernelFacts {
+    /// Operation codes most disks see, whose histogram entries are created ahead of time.
+    pub fn common_ops(&self, mode: super::AttachMode) -> Vec<u32> {
+        const CLASSIC: [u32; 5] = [0x100, 0x101, 0x102, 0x103, 0x1ff];
+        match mode {
+            super::AttachMode::Tracepoint => CLASSIC.to_vec(),
+            _ => ["read", "write", "flush", "discard"]
+                .iter()
+                .filter_map(|n| self.ops.code(n))
+                .collect(),
+        }
+    }
+}
+
 fn enumerator(btf: &Btf, name: &str) -> Option<i64> {
     btf.type_by_kind::<Enum>().find_map(|e| {
         e.iter()

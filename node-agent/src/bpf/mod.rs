@@ -7,7 +7,7 @@ pub mod kernel_facts;
 mod skel;
 mod topology;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
@@ -17,7 +17,8 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
 
 use crate::snapshot::{
-    parse_key, DeviceOpHist, LayoutError, Snapshot, LOST_NO_START_TIME, LOST_REASONS,
+    parse_key, DeviceOpHist, LayoutError, Snapshot, HIST_VALUE_SIZE, LOST_NO_START_TIME,
+    LOST_REASONS,
 };
 use kernel_facts::{tracepoint_fields, KernelFacts, TracepointFields};
 use skel::{BioSkel, BioSkelBuilder};
@@ -140,6 +141,8 @@ pub struct Attached {
 struct AttachState {
     skel: BioSkel<'static>,
     links: HashMap<&'static str, Link>,
+    /// Disks whose histogram entries exist already (see precreate_entries).
+    prepared: HashSet<u32>,
 }
 
 // SAFETY: the skeleton holds raw pointers into libbpf's bpf_object, which has no thread affinity;
@@ -197,6 +200,7 @@ impl Attached {
     /// changes (a disk appears, a queue stops keeping stats) is covered without a restart.
     pub fn refresh(&self, snapshot: Option<&Snapshot>) {
         let mut st = self.lock();
+        self.precreate_entries(&mut st);
         if self.has_role(Role::Issue) && !self.role_attached(&st, Role::Issue) {
             let missed = snapshot.map_or(0, |s| s.lost[LOST_NO_START_TIME]);
             let reason = match topology::request_disk_without_stats(&self.sys_block) {
@@ -224,6 +228,34 @@ impl Attached {
                     }
                 }
             }
+        }
+    }
+
+    /// Creates the histogram entries of every disk's common operations from user space.
+    ///
+    /// A BPF program that inserts into a per-CPU hash allocates in the completion's interrupt
+    /// context, where the kernel's BPF allocator can fail under memory pressure (the IO would be
+    /// lost). User space allocates reliably, so the entries of known disks exist before their first
+    /// IO; zero entries are not exported, so a pair still appears only after it did IO.
+    fn precreate_entries(&self, st: &mut AttachState) {
+        let ops = self.facts.common_ops(self.mode);
+        let Ok(cpus) = libbpf_rs::num_possible_cpus() else {
+            return;
+        };
+        let zero = vec![vec![0u8; HIST_VALUE_SIZE]; cpus];
+        for dev in topology::disk_devs(&self.sys_block) {
+            if st.prepared.contains(&dev) {
+                continue;
+            }
+            for &op in &ops {
+                let key = crate::snapshot::key_bytes(dev, op);
+                // EEXIST: the kernel side was first; either way the entry exists.
+                let _ = self
+                    .maps
+                    .hists
+                    .update_percpu(&key, &zero, MapFlags::NO_EXIST);
+            }
+            st.prepared.insert(dev);
         }
     }
 
@@ -461,6 +493,7 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         state: Mutex::new(AttachState {
             skel,
             links: HashMap::new(),
+            prepared: HashSet::new(),
         }),
         sys_block: PathBuf::from(topology::SYS_BLOCK),
     };

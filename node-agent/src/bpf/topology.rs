@@ -48,6 +48,23 @@ pub fn bio_based_disk(sys_block: &Path) -> Option<String> {
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+/// Kernel dev_t of every disk (`/sys/block/X/dev` holds "MAJ:MIN").
+pub fn disk_devs(sys_block: &Path) -> Vec<u32> {
+    std::fs::read_dir(sys_block)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .filter_map(|s| {
+            let (major, minor) = s.trim().split_once(':')?;
+            Some(crate::devices::mkdev(
+                major.parse().ok()?,
+                minor.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +74,7 @@ mod tests {
         let d = root.join(name);
         fs::create_dir_all(d.join("queue")).unwrap();
         fs::write(d.join("size"), format!("{size}\n")).unwrap();
+        fs::write(d.join("dev"), "7:3\n").unwrap();
         if mq {
             fs::create_dir_all(d.join("mq")).unwrap();
         }
@@ -83,6 +101,10 @@ mod tests {
         disk(&root, "sdb", 8, true, Some(0));
         assert_eq!(bio_based_disk(&root).as_deref(), Some("zram1"));
         assert_eq!(request_disk_without_stats(&root).as_deref(), Some("sdb"));
+        assert!(disk_devs(&root)
+            .iter()
+            .all(|&d| d == crate::devices::mkdev(7, 3)));
+        assert_eq!(disk_devs(&root).len(), 5);
         fs::remove_dir_all(&root).unwrap();
     }
 }
