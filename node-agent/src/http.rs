@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -12,7 +12,10 @@ use tokio::net::TcpListener;
 
 use crate::bpf::{Attached, MapReader};
 use crate::devices::{DeviceFilter, DeviceNamer};
-use crate::metrics::{name_hists, render_text, Labels, TEXT_CONTENT_TYPE};
+use crate::metrics::{
+    name_hists, render_protobuf, render_text, wants_protobuf, Labels, PROTOBUF_CONTENT_TYPE,
+    TEXT_CONTENT_TYPE,
+};
 use crate::ops::OpNames;
 
 /// Everything a scrape needs, set once the programs are attached.
@@ -85,30 +88,44 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
-    let Some(source) = state.source.get() else {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if state.source.get().is_none() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "BPF programs not attached yet\n",
         )
             .into_response();
-    };
+    }
+    let protobuf = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(wants_protobuf);
     // Map reads are syscalls and sysfs lookups: keep them off the async workers.
-    let state2 = state.clone();
     let rendered = tokio::task::spawn_blocking(move || {
-        let source = state2.source.get().expect("checked above");
+        let source = state.source.get().expect("checked above");
         source.reader.snapshot().map(|snap| {
             // The host may have changed since the last scrape (a disk appeared): attach what it
             // needs now, then report what was counted.
             source.attached.refresh(Some(&snap));
             let hists = name_hists(&snap, &source.namer, &source.filter, &source.ops);
-            render_text(hists, &snap, &source.labels)
+            if protobuf {
+                (
+                    PROTOBUF_CONTENT_TYPE,
+                    render_protobuf(hists, &snap, &source.labels),
+                )
+            } else {
+                (
+                    TEXT_CONTENT_TYPE,
+                    render_text(hists, &snap, &source.labels).into_bytes(),
+                )
+            }
         })
     })
     .await;
-    let _ = source;
     match rendered {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], body).into_response(),
+        Ok(Ok((content_type, body))) => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "scrape failed");
             (

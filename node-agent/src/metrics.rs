@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{
+    DescriptorEncoder, NativeHistogram, NativeHistogramBuckets, NoLabelSet,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -88,6 +90,73 @@ fn classic_buckets(slots: &[u64; LOG2_SLOTS], max_log2: usize) -> Vec<(f64, u64)
         .collect()
 }
 
+/// The same slots as a native histogram, schema 0: bucket index k is (2^(k-1), 2^k], exactly
+/// our slot k for k >= 1, and slot 0 ([0, 1]) is the zero bucket with threshold 1. Unlike the
+/// classic side it keeps every slot above the largest classic bound (there is no +Inf bucket).
+/// Quantiles agree with the classic buckets below 2^31 µs / 2^15 KiB.
+struct NativeBuckets {
+    zero_count: u64,
+    spans: Vec<(i32, u32)>,
+    deltas: Vec<i64>,
+}
+
+const NATIVE_SCHEMA: i32 = 0;
+const NATIVE_ZERO_THRESHOLD: f64 = 1.0;
+
+impl NativeBuckets {
+    fn of(slots: &[u64; LOG2_SLOTS]) -> Self {
+        let used = slots
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, &c)| c > 0)
+            .map(|(k, _)| k);
+        let (first, last) = match (used.clone().min(), used.max()) {
+            (Some(f), Some(l)) => (f, l),
+            _ => {
+                return Self {
+                    zero_count: slots[0],
+                    spans: vec![],
+                    deltas: vec![],
+                }
+            }
+        };
+        // One span from the first to the last used index; empty buckets inside it cost a zero
+        // delta, fewer bytes than extra spans for these short histograms.
+        let mut prev = 0i64;
+        let deltas = slots[first..=last]
+            .iter()
+            .map(|&c| {
+                let d = c as i64 - prev;
+                prev = c as i64;
+                d
+            })
+            .collect();
+        Self {
+            zero_count: slots[0],
+            spans: vec![(first as i32, (last - first + 1) as u32)],
+            deltas,
+        }
+    }
+
+    fn view(&self) -> NativeHistogram<'_> {
+        NativeHistogram {
+            schema: NATIVE_SCHEMA,
+            zero_threshold: NATIVE_ZERO_THRESHOLD,
+            zero_count: self.zero_count,
+            negative: NativeHistogramBuckets {
+                spans: &[],
+                deltas: &[],
+            },
+            positive: NativeHistogramBuckets {
+                spans: &self.spans,
+                deltas: &self.deltas,
+            },
+            created: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct BioCollector {
     hists: Vec<NamedHist>,
@@ -121,11 +190,12 @@ impl Collector for BioCollector {
                 let labels = self.series_labels(h);
                 family
                     .encode_family(&labels)?
-                    .encode_histogram::<NoLabelSet>(
+                    .encode_histogram_with_native::<NoLabelSet>(
                         h.hist.latency_sum_ns as f64 / NSEC_PER_USEC,
                         h.hist.count(),
                         &classic_buckets(&h.hist.latency_slots, LATENCY_MAX_LOG2),
                         None,
+                        NativeBuckets::of(&h.hist.latency_slots).view(),
                     )?;
             }
         }
@@ -136,11 +206,12 @@ impl Collector for BioCollector {
                 let labels = self.series_labels(h);
                 family
                     .encode_family(&labels)?
-                    .encode_histogram::<NoLabelSet>(
+                    .encode_histogram_with_native::<NoLabelSet>(
                         h.hist.size_sum_bytes as f64 / BYTES_PER_KIB,
                         h.hist.count(),
                         &classic_buckets(&h.hist.size_slots, SIZE_MAX_LOG2),
                         None,
+                        NativeBuckets::of(&h.hist.size_slots).view(),
                     )?;
             }
         }
@@ -223,6 +294,32 @@ pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) 
 }
 
 pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub const PROTOBUF_CONTENT_TYPE: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
+
+/// Whether a scraper's Accept header asks for the protobuf exposition (Prometheus does when
+/// native histograms are enabled); the text format stays the default.
+pub fn wants_protobuf(accept: &str) -> bool {
+    accept.split(',').any(|part| {
+        let part = part.trim();
+        part.starts_with("application/vnd.google.protobuf")
+            && part.contains("proto=io.prometheus.client.MetricFamily")
+            && part.contains("encoding=delimited")
+    })
+}
+
+/// Renders length-delimited protobuf MetricFamily messages, with native histograms.
+pub fn render_protobuf(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Vec<u8> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(BioCollector {
+        hists,
+        lost: snapshot.lost,
+        inflight: snapshot.inflight,
+        labels: labels.clone(),
+    }));
+    prometheus_client::encoding::prometheus_protobuf::encode_to_vec(&registry)
+        .expect("encoding into memory cannot fail")
+}
 
 #[cfg(test)]
 mod tests {
@@ -393,6 +490,72 @@ mod tests {
             text.contains("ebpf_bio_inflight_entries{table=\"starts\",node=\"n1\"} 5\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn native_buckets_mirror_the_slots() {
+        let mut slots = [0u64; LOG2_SLOTS];
+        slots[0] = 4;
+        slots[2] = 3;
+        slots[5] = 1;
+        slots[40] = 2; // beyond the classic +Inf boundary: kept
+        let n = NativeBuckets::of(&slots);
+        assert_eq!(n.zero_count, 4);
+        assert_eq!(n.spans, vec![(2, 39)]);
+        // Delta-encoded counts of indexes 2..=40.
+        let mut counts = vec![];
+        let mut acc = 0i64;
+        for d in &n.deltas {
+            acc += d;
+            counts.push(acc);
+        }
+        assert_eq!(counts.len(), 39);
+        assert_eq!((counts[0], counts[3], counts[38]), (3, 1, 2));
+        assert_eq!(counts.iter().sum::<i64>(), 6);
+        let empty = NativeBuckets::of(&[0; LOG2_SLOTS]);
+        assert!(empty.spans.is_empty() && empty.zero_count == 0);
+    }
+
+    #[test]
+    fn protobuf_carries_native_and_classic_buckets() {
+        use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::MetricFamily;
+        use prost::Message;
+        let body = render_protobuf(
+            vec![hist("loop0", "read", |h| {
+                h.latency_slots[0] = 1;
+                h.latency_slots[3] = 2;
+                h.size_slots[2] = 3;
+            })],
+            &Snapshot::default(),
+            &labels(),
+        );
+        let mut buf = body.as_slice();
+        let mut families = vec![];
+        while !buf.is_empty() {
+            families.push(MetricFamily::decode_length_delimited(&mut buf).unwrap());
+        }
+        let lat = families.iter().find(|f| f.name == LATENCY_NAME).unwrap();
+        let h = lat.metric[0].histogram.as_ref().unwrap();
+        assert_eq!((h.schema, h.zero_threshold, h.zero_count), (0, 1.0, 1));
+        assert_eq!(h.sample_count, 3);
+        assert_eq!(
+            h.bucket.len(),
+            LATENCY_MAX_LOG2 + 1,
+            "classic buckets stay beside the native ones"
+        );
+        assert_eq!(h.positive_span.len(), 1);
+        assert_eq!(
+            (h.positive_span[0].offset, h.positive_span[0].length),
+            (3, 1)
+        );
+        assert_eq!(h.positive_delta, vec![2]);
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert!(wants_protobuf("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3"));
+        assert!(!wants_protobuf("text/plain;version=0.0.4;q=1,*/*;q=0.1"));
+        assert!(!wants_protobuf(""));
     }
 
     #[test]
