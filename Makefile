@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release tracefs run test test-unit test-node lint bench crds clean
+.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster lint bench crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -34,7 +34,13 @@ test-unit: build
 test-node: build tracefs
 	cd tests/node && BIO_AGENT_BIN=$(AGENT_DEBUG) python3 -m pytest -q -rs
 
-test: lint test-unit test-node
+# The real control plane (built from Go modules, cached outside the repo) and the operator
+# against it: the chart's RBAC, reconcile, conditions, conflicts, leader election.
+test-cluster: build
+	tests/cluster/smoke.sh
+	BIO_OPERATOR_BIN=$(CARGO_TARGET_DIR)/debug/bio-operator operator/tests/e2e.sh
+
+test: lint test-unit test-node test-cluster
 
 bench: build-release tracefs
 	scripts/bench.sh
