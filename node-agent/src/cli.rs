@@ -1,5 +1,6 @@
 //! Command line of the node-agent.
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -41,6 +42,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub bpf: BpfArgs,
 
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "BIO_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -61,6 +65,19 @@ pub struct DeviceArgs {
     /// wins over --device-include.
     #[arg(long = "device-exclude", value_name = "REGEX")]
     pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VolumeArgs {
+    /// Label devices that back a PersistentVolume with persistentvolume, persistentvolumeclaim
+    /// and namespace (needs read access to PersistentVolumes: in-cluster config or KUBECONFIG).
+    #[arg(long, env = "BIO_PV_LABELS", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub pv_labels: bool,
+
+    /// The kubelet's root directory, where pod volume mounts are found.
+    #[arg(long, env = "BIO_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -136,6 +153,28 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn accepts_the_operators_daemonset_args() {
+        // Mirrors operator/src/resources/daemonset.rs agent_args(): a flag the agent lacks would
+        // crash-loop every agent pod.
+        let cli = Cli::try_parse_from([
+            "node-agent",
+            "--listen=0.0.0.0:9500",
+            "--node-name=$(NODE_NAME)",
+            "--attach=raw_tp",
+            "--device-include=^nvme",
+            "--device-exclude=^loop",
+            "--log-level=debug",
+            "--kubelet-root=/var/lib/kubelet",
+            "--pv-labels=false",
+        ])
+        .unwrap();
+        assert!(!cli.serve.volumes.pv_labels);
+        assert_eq!(cli.serve.bpf.attach, AttachMode::RawTp);
+        let on = Cli::try_parse_from(["node-agent", "--pv-labels"]).unwrap();
+        assert!(on.serve.volumes.pv_labels);
     }
 
     #[test]

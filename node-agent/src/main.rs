@@ -93,6 +93,12 @@ fn node_name(flag: Option<String>) -> String {
 
 async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let filter = DeviceFilter::new(&args.devices.include, &args.devices.exclude)?;
+    if args.volumes.pv_labels {
+        tracing::warn!(
+            kubelet_root = %args.volumes.kubelet_root.display(),
+            "--pv-labels: PersistentVolume labels are not implemented in this build; series carry device and node only"
+        );
+    }
     let node = node_name(args.node_name);
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
