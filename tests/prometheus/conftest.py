@@ -3,7 +3,7 @@ agent on loopback, loop devices in /dev/shm, direct IO), plus real Prometheus se
 
 tests/node/conftest.py is loaded under its own module name by node_fixtures.py; its fixtures are
 re-exported below, so they apply to this directory. When both directories run in one pytest
-session each conftest.py serves its own directory. Test modules import helpers from
+session each conftest.py serves fixtures to its own directory. Test modules import helpers from
 node_fixtures and promserver, never from "conftest".
 """
 import os
@@ -16,10 +16,13 @@ sys.path.insert(0, HERE)
 
 from node_fixtures import node as _node  # noqa: E402
 
-# The fixtures of tests/node that these tests use (pytest collects them from this namespace).
-system_setup = _node.system_setup
-agent_factory = _node.agent_factory
-loop_factory = _node.loop_factory
+# Everything public of tests/node/conftest.py, fixtures included (pytest collects fixtures from
+# this namespace), as `from conftest import *` would. All of it, not just what these tests use:
+# when both directories run in one session, pytest may have imported this file as "conftest"
+# last, and tests/node's `from conftest import ...` then finds this module.
+for _name in dir(_node):
+    if not _name.startswith("_"):
+        globals().setdefault(_name, getattr(_node, _name))
 
 from promserver import PrometheusServer  # noqa: E402
 
