@@ -13,7 +13,4 @@ prom3="$("$here/build.sh" | tail -n 1)"
 export BIO_PROMETHEUS3="$prom3"
 
 cd "$repo"
-set +e
-python3 -m pytest -q -rs tests/prometheus "$@"
-rc=$?
-exit $rc
+exec python3 -m pytest -q -rs tests/prometheus "$@"
