@@ -45,6 +45,14 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub volumes: VolumeArgs,
 
+    /// Serve over TLS with this PEM certificate (chain); reloaded when the file changes.
+    #[arg(long, env = "BIO_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, env = "BIO_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "BIO_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

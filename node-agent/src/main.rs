@@ -7,6 +7,7 @@ mod http;
 mod metrics;
 mod ops;
 mod snapshot;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -70,6 +71,8 @@ pub enum AgentError {
     Bind(#[from] http::BindError),
     #[error(transparent)]
     Bpf(#[from] bpf::BpfError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Other(String),
 }
@@ -102,10 +105,39 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let node = node_name(args.node_name);
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
-    let server = axum::serve(listener, http::router(state.clone()))
-        .with_graceful_shutdown(shutdown_signal());
-    let server = tokio::spawn(async move { server.await });
-    tracing::info!(listen = %args.listen, node = %node, "serving /metrics, /healthz, /readyz");
+    let app = http::router(state.clone());
+    let tls_files = match (args.tls_cert_file, args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let scheme = if tls_files.is_some() { "https" } else { "http" };
+    let server = match tls_files {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }),
+        Some(files) => {
+            let config = tls::load(&files).await?;
+            tokio::spawn(tls::reload_on_change(config.clone(), files));
+            let handle = axum_server::Handle::new();
+            let on_signal = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+            });
+            let std_listener = listener
+                .into_std()
+                .map_err(|e| AgentError::Other(e.to_string()))?;
+            tokio::spawn(async move {
+                axum_server::from_tcp_rustls(std_listener, config)
+                    .handle(handle)
+                    .serve(app.into_make_service())
+                    .await
+            })
+        }
+    };
+    tracing::info!(listen = %args.listen, %scheme, node = %node, "serving /metrics, /healthz, /readyz");
 
     let attached = std::sync::Arc::new(bpf::attach(args.bpf.attach)?);
     state.set_source(http::Source {

@@ -80,9 +80,10 @@ def sample(samples, name, **labels):
 
 
 class Agent:
-    def __init__(self, args, env=None, wrapper=(), binary=AGENT_BIN):
+    def __init__(self, args, env=None, wrapper=(), binary=AGENT_BIN, ssl_context=None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ssl_context = ssl_context
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="node-agent-", suffix=".log", delete=False)
         cmd = [*wrapper, binary, "--listen", f"127.0.0.1:{self.port}", "--node-name", "test-node", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -99,7 +100,7 @@ class Agent:
 
     def get(self, path):
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            with urllib.request.urlopen(self.url + path, timeout=10, context=self.ssl_context) as r:
                 return r.status, r.read().decode(), dict(r.headers)
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode(), dict(e.headers)
