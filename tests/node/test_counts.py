@@ -44,7 +44,8 @@ def test_read_write_counts_and_sizes_match_sysfs(agent_factory, loop, mode):
     # Latency: every IO has a positive, finite latency below the largest finite bucket.
     assert deltas(m0, m1, f"{LAT}_bucket", operation="write", le="2.147483648e+09", **dev) == 30
     assert deltas(m0, m1, f"{LAT}_sum", operation="write", **dev) > 0
-    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # (ebpf_bio_lost_events_total is host-wide: IO on other disks that was issued before the agent
+    # attached is counted there, so the exact counts above are the check for this disk.)
     # Every remembered issue time was taken back at completion.
     wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
 
@@ -72,7 +73,8 @@ def test_flush_and_discard_have_their_own_operations(agent_factory, loop, mode, 
     assert flushes == d["flush_ios"] and flushes > 0
     # fsync'd writes go through the kernel's flush sequence; each still counts once, as in stat.
     assert deltas(m0, m1, f"{LAT}_count", operation="write", **dev) == d["write_ios"]
-    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # (ebpf_bio_lost_events_total is host-wide: IO on other disks that was issued before the agent
+    # attached is counted there, so the exact counts above are the check for this disk.)
     # Every remembered issue time was taken back at completion.
     wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
 
@@ -175,6 +177,7 @@ def test_a_queue_without_stats_gets_issue_stamps_from_the_start(agent_factory, l
     direct_io(loop.path, "read", 4096, 40)
     m1, s1 = agent.samples(), read_stat(loop.name)
     assert deltas(m0, m1, f"{LAT}_count", device=loop.name, operation="read") == stat_delta(s0, s1)["read_ios"] == 40
-    assert sample(m1, "ebpf_bio_lost_events_total", reason="no_start_time") == 0
+    # (ebpf_bio_lost_events_total is host-wide: IO on other disks that was issued before the agent
+    # attached is counted there, so the exact counts above are the check for this disk.)
     # Every remembered issue time was taken back at completion.
     wait_for(lambda: sample(agent.samples(), "ebpf_bio_inflight_entries", table="starts") == 0, what="empty start table")
