@@ -65,7 +65,9 @@ mod tests {
     fn parses_kernel_text_only() {
         assert_eq!(DevId::parse("8:1"), DevId::new(8, 1));
         assert_eq!(DevId::parse("259:0").unwrap().kernel(), mkdev(259, 0));
-        for bad in ["", ":", "8", "8:", ":1", "+8:1", "8:-1", " 8:1", "8:1\n", "8:1:2", "4096:0"] {
+        for bad in [
+            "", ":", "8", "8:", ":1", "+8:1", "8:-1", " 8:1", "8:1\n", "8:1:2", "4096:0",
+        ] {
             assert_eq!(DevId::parse(bad), None, "{bad:?}");
         }
         assert_eq!(DevId::parse("0:1048576"), None, "minor wider than 20 bits");

@@ -113,7 +113,12 @@ pub struct Found {
 
 pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
     let mut stacks: HashMap<DevId, Stack> = HashMap::new();
-    let mut stack_of = |dev: DevId| stacks.entry(dev).or_insert_with(|| sysfs.stack(dev)).clone();
+    let mut stack_of = |dev: DevId| {
+        stacks
+            .entry(dev)
+            .or_insert_with(|| sysfs.stack(dev))
+            .clone()
+    };
     let mut handles = None;
     let mut members: BTreeMap<DevId, BTreeMap<String, PvInfo>> = BTreeMap::new();
     let mut touched = HashSet::new();
@@ -251,7 +256,11 @@ mod tests {
             PvInfo::named("pvc-p1"),
             "not in the store: name only"
         );
-        assert_eq!(index.get(d(259, 0).kernel()), None, "partitions are not measured");
+        assert_eq!(
+            index.get(d(259, 0).kernel()),
+            None,
+            "partitions are not measured"
+        );
         assert_eq!(index.iter().count(), 2);
     }
 
@@ -295,17 +304,33 @@ mod tests {
             &pvs,
             &sys.sysfs(),
         );
-        let pv = |dev: DevId| index.get(dev.kernel()).and_then(|v| v.attributed()).map(|p| p.pv.as_str());
+        let pv = |dev: DevId| {
+            index
+                .get(dev.kernel())
+                .and_then(|v| v.attributed())
+                .map(|p| p.pv.as_str())
+        };
         assert_eq!(pv(d(253, 0)), Some("pvc-x"));
         assert_eq!(pv(d(8, 16)), Some("pvc-x"));
         assert_eq!(pv(d(253, 1)), Some("pvc-y"));
         assert_eq!(pv(d(253, 2)), Some("pvc-z"));
-        assert_eq!(names(index.get(d(8, 0).kernel()).unwrap()), ["pvc-y", "pvc-z"]);
+        assert_eq!(
+            names(index.get(d(8, 0).kernel()).unwrap()),
+            ["pvc-y", "pvc-z"]
+        );
 
         // A third LV that is no PV makes sda carry foreign IO even with one PV left.
         sys.dm("dm-3", d(253, 3), &["sda"]);
         let index = build(&[found("pvc-y", d(253, 1))], &pvs, &sys.sysfs());
-        assert_eq!(index.get(d(253, 1).kernel()).unwrap().attributed().unwrap().pv, "pvc-y");
+        assert_eq!(
+            index
+                .get(d(253, 1).kernel())
+                .unwrap()
+                .attributed()
+                .unwrap()
+                .pv,
+            "pvc-y"
+        );
         assert_eq!(index.get(d(8, 0).kernel()).unwrap().attributed(), None);
     }
 
@@ -324,9 +349,15 @@ mod tests {
         let known = pvs.handle_index().into_keys().next().unwrap().1;
         let index = build(&[handle(&known)], &pvs, &sys.sysfs());
         let v = index.get(d(8, 48).kernel()).unwrap();
-        assert_eq!(v.attributed().unwrap().storage_class.as_deref(), Some("fast"));
+        assert_eq!(
+            v.attributed().unwrap().storage_class.as_deref(),
+            Some("fast")
+        );
         let unknown = "0".repeat(64);
-        assert_eq!(build(&[handle(&unknown)], &pvs, &sys.sysfs()), VolumeIndex::default());
+        assert_eq!(
+            build(&[handle(&unknown)], &pvs, &sys.sysfs()),
+            VolumeIndex::default()
+        );
     }
 
     #[derive(Debug, Clone)]

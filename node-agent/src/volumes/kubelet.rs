@@ -116,7 +116,9 @@ pub fn is_pv_name(s: &str) -> bool {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The kubelet's directory name for a CSI driver (`EscapeQualifiedName`).
@@ -130,7 +132,10 @@ pub fn pod_block_links(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for pod in list(&root.join("pods")) {
         for plugin in ["kubernetes.io~csi", "kubernetes.io~local-volume"] {
-            let rel = Path::new("pods").join(&pod).join("volumeDevices").join(plugin);
+            let rel = Path::new("pods")
+                .join(&pod)
+                .join("volumeDevices")
+                .join(plugin);
             found.extend(list(&root.join(&rel)).into_iter().map(|pv| rel.join(pv)));
         }
     }
@@ -139,7 +144,9 @@ pub fn pod_block_links(root: &Path) -> Vec<PathBuf> {
 
 fn list(dir: &Path) -> Vec<std::ffi::OsString> {
     match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect(),
         Err(e) => {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::debug!(dir = %dir.display(), error = %e, "cannot list kubelet directory");
@@ -162,7 +169,11 @@ pub fn is_inline_csi_volume(pod_volume_dir: &Path) -> bool {
     }
     serde_json::from_slice::<serde_json::Value>(&data)
         .ok()
-        .and_then(|v| v.get("volumeLifecycleMode")?.as_str().map(|m| m == "Ephemeral"))
+        .and_then(|v| {
+            v.get("volumeLifecycleMode")?
+                .as_str()
+                .map(|m| m == "Ephemeral")
+        })
         .unwrap_or(false)
 }
 
@@ -214,7 +225,9 @@ mod tests {
             name("pvc-5", Layout::CsiBlockMapFile)
         );
         assert_eq!(
-            c(&format!("plugins/kubernetes.io/csi/ebs.csi.aws.com/{HASH}/globalmount")),
+            c(&format!(
+                "plugins/kubernetes.io/csi/ebs.csi.aws.com/{HASH}/globalmount"
+            )),
             Some(VolumePath {
                 key: PvKey::Handle {
                     driver: "ebs.csi.aws.com".into(),

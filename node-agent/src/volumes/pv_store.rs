@@ -52,7 +52,9 @@ impl PvStore {
     }
 
     pub fn by_name(&self, name: &str) -> Option<PvInfo> {
-        self.store.get(&ObjectRef::new(name)).and_then(|pv| pv_info(&pv))
+        self.store
+            .get(&ObjectRef::new(name))
+            .and_then(|pv| pv_info(&pv))
     }
 
     /// (kubelet directory name of the driver, sha256 hex of the volume handle) → PV name, for
@@ -92,7 +94,8 @@ async fn drive<S>(
                     tracing::info!("PersistentVolume watch is back");
                     failing = false;
                 }
-                if matches!(event, watcher::Event::InitDone) && !synced.swap(true, Ordering::Relaxed)
+                if matches!(event, watcher::Event::InitDone)
+                    && !synced.swap(true, Ordering::Relaxed)
                 {
                     tracing::info!("PersistentVolumes listed; volume labels carry claims");
                 }
@@ -300,13 +303,22 @@ pub mod tests {
         let settle = || tokio::time::sleep(std::time::Duration::from_millis(20));
 
         send(Ok(watcher::Event::Init));
-        send(Ok(watcher::Event::InitApply(csi_pv("a", ("n", "c"), "s", "h"))));
+        send(Ok(watcher::Event::InitApply(csi_pv(
+            "a",
+            ("n", "c"),
+            "s",
+            "h",
+        ))));
         send(Ok(watcher::Event::InitDone));
         settle().await;
         assert!(pvs.synced());
         assert!(pvs.by_name("a").is_some());
         assert_eq!(
-            pvs.store.get(&ObjectRef::new("a")).unwrap().metadata.annotations,
+            pvs.store
+                .get(&ObjectRef::new("a"))
+                .unwrap()
+                .metadata
+                .annotations,
             None,
             "trimmed before it is stored"
         );
@@ -318,7 +330,12 @@ pub mod tests {
 
         // The re-list after the outage: "a" was deleted meanwhile, "b" created.
         send(Ok(watcher::Event::Init));
-        send(Ok(watcher::Event::InitApply(csi_pv("b", ("n", "d"), "s", "h2"))));
+        send(Ok(watcher::Event::InitApply(csi_pv(
+            "b",
+            ("n", "d"),
+            "s",
+            "h2",
+        ))));
         settle().await;
         assert!(pvs.by_name("a").is_some(), "a half re-list is not visible");
         assert!(pvs.by_name("b").is_none());

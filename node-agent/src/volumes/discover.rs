@@ -1,0 +1,166 @@
+//! Discovery on the node: the PVs the kubelet set up here, and the device each sits on.
+//!
+//! Mounted PVs are found from mountinfo (every mount under the kubelet root whose path is a
+//! known layout), so no directory is listed for them and a directory that is not a mount is
+//! never mistaken for one. Block PVs are device files: the kubelet's bind-mounted map files
+//! (also in mountinfo) and the pods' symlinks (listed).
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+use super::dev_id::DevId;
+use super::index::Found;
+use super::kubelet::{self, Layout};
+use super::mountinfo::{self, Mount};
+use super::sysfs::Sysfs;
+
+/// Symlink chains in the kubelet tree are one or two long; more is a loop.
+const MAX_LINK_HOPS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub kubelet_root: PathBuf,
+    pub host_kubelet_root: PathBuf,
+    pub mountinfo: PathBuf,
+    pub sysfs: Sysfs,
+}
+
+impl Discovery {
+    pub fn scan(&self) -> Vec<Found> {
+        // mountinfo holds resolved paths; the configured root may go through a symlink.
+        let root =
+            std::fs::canonicalize(&self.kubelet_root).unwrap_or_else(|_| self.kubelet_root.clone());
+        let mounts = match std::fs::read(&self.mountinfo) {
+            Ok(text) => mountinfo::parse(&text),
+            Err(e) => {
+                tracing::debug!(path = %self.mountinfo.display(), error = %e, "cannot read mountinfo");
+                Vec::new()
+            }
+        };
+        let mut found = Vec::new();
+        // A later mount on the same point hides the earlier one.
+        let visible: BTreeMap<&Path, &Mount> = mounts
+            .iter()
+            .map(|m| (m.mount_point.as_path(), m))
+            .collect();
+        for (point, mount) in visible {
+            let Some(volume) = point.strip_prefix(&root).ok().and_then(kubelet::classify) else {
+                continue;
+            };
+            let (dev, subdirectory) = if volume.layout.is_device_file() {
+                (self.device_file(point), false)
+            } else {
+                if volume.layout == Layout::CsiPodMount
+                    && point.parent().is_some_and(kubelet::is_inline_csi_volume)
+                {
+                    tracing::debug!(path = %point.display(), "inline CSI volume, not a PV; skipping");
+                    continue;
+                }
+                (self.mount_device(mount), mount.root != Path::new("/"))
+            };
+            if let Some(dev) = dev {
+                found.push(Found {
+                    key: volume.key,
+                    dev,
+                    subdirectory,
+                    path: point.to_path_buf(),
+                });
+            }
+        }
+        for rel in kubelet::pod_block_links(&root) {
+            let Some(volume) = kubelet::classify(&rel) else {
+                tracing::debug!(path = %rel.display(), "not a PV name; skipping");
+                continue;
+            };
+            let path = root.join(&rel);
+            if let Some(dev) = self.device_file(&path) {
+                found.push(Found {
+                    key: volume.key,
+                    dev,
+                    subdirectory: false,
+                    path,
+                });
+            }
+        }
+        found
+    }
+
+    fn mount_device(&self, mount: &Mount) -> Option<DevId> {
+        if !mount.dev.is_anonymous() {
+            return Some(mount.dev);
+        }
+        // btrfs reports an anonymous number; its source still names the disk.
+        let dev = dev_node_name(&mount.source).and_then(|name| self.sysfs.dev_by_name(name));
+        if dev.is_none() {
+            tracing::debug!(
+                path = %mount.mount_point.display(),
+                source = %mount.source.display(),
+                "PV not on a block device (network or memory filesystem); skipping"
+            );
+        }
+        dev
+    }
+
+    /// The block device a device file or a chain of symlinks to one stands for. Absolute link
+    /// targets are host paths: the kubelet's own are rebased onto the kubelet root as the agent
+    /// sees it, and `/dev/NAME` is looked up in sysfs, as the agent's /dev is not the host's.
+    fn device_file(&self, path: &Path) -> Option<DevId> {
+        let mut path = path.to_path_buf();
+        for _ in 0..MAX_LINK_HOPS {
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "device file vanished or unreadable");
+                    return None;
+                }
+            };
+            if meta.file_type().is_block_device() {
+                return DevId::from_stat(meta.rdev());
+            }
+            if !meta.file_type().is_symlink() {
+                tracing::debug!(path = %path.display(), "not a block device file; skipping");
+                return None;
+            }
+            let target = std::fs::read_link(&path).ok()?;
+            path = if target.is_relative() {
+                path.parent()?.join(target)
+            } else if let Ok(rest) = target.strip_prefix(&self.host_kubelet_root) {
+                self.kubelet_root.join(rest)
+            } else if let Some(name) = dev_node_name(&target) {
+                return self.sysfs.dev_by_name(name);
+            } else {
+                target
+            };
+        }
+        tracing::debug!(path = %path.display(), "symlink chain too long; skipping");
+        None
+    }
+}
+
+/// "sdb" for "/dev/sdb"; nothing for deeper paths (/dev/mapper/x, /dev/disk/by-id/y).
+fn dev_node_name(path: &Path) -> Option<&str> {
+    let mut c = path.components();
+    match (c.next(), c.next(), c.next(), c.next()) {
+        (
+            Some(Component::RootDir),
+            Some(Component::Normal(dev)),
+            Some(Component::Normal(n)),
+            None,
+        ) if dev == "dev" => n.to_str(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_node_names() {
+        assert_eq!(dev_node_name(Path::new("/dev/sdb")), Some("sdb"));
+        assert_eq!(dev_node_name(Path::new("/dev/mapper/x")), None);
+        assert_eq!(dev_node_name(Path::new("/dev")), None);
+        assert_eq!(dev_node_name(Path::new("dev/sdb")), None);
+        assert_eq!(dev_node_name(Path::new("tmpfs")), None);
+    }
+}

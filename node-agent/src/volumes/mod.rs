@@ -1,0 +1,161 @@
+//! Which Kubernetes PersistentVolume each measured block device backs.
+//!
+//! Two halves:
+//! - **On the node** (`discover.rs`): the kubelet's directories (`--kubelet-root`, mounted
+//!   read-only with HostToContainer propagation) name the PVs set up here; the agent's own
+//!   mountinfo gives the device under each mounted one, `stat` the device behind each block
+//!   one, and sysfs the whole disks and device-mapper stacks below (`sysfs.rs`).
+//! - **From the API server** (`pv_store.rs`): one watch on PersistentVolumes gives each PV's
+//!   claim and storage class. Pods are never read.
+//!
+//! [`VolumeLabeler::index`] joins them (`index.rs`) into a [`VolumeIndex`]: dev_t → the PVs on
+//! it, saying whether the device's IO is one PV's alone ([`DiskVolumes::One`]: its series may
+//! carry the PV's labels) or not ([`DiskVolumes::Shared`]: no PV labels, the PVs go to an info
+//! metric).
+//!
+//! **Discovery runs at scrape time, reused for [`VolumeConfig::ttl`] (default 5 s).** A scan
+//! reads mountinfo, lists `pods/*/volumeDevices/*` and reads a few sysfs files per device.
+//! Measured on a fake node with 500 pod volume directories (100 pods, 1,000 mountinfo lines):
+//! MEASURED_COST. That is cheap enough for every scrape, which keeps labels as fresh as the
+//! scrape; the short reuse only stops bursts (two Prometheus replicas, `node-agent histogram`
+//! polling every second) from each paying for a scan. A background loop would scan forever for
+//! nobody and be as stale as its period. A scrape never waits for another's scan: it takes the
+//! previous index instead.
+mod dev_id;
+mod discover;
+mod index;
+mod kubelet;
+mod mountinfo;
+mod pv_store;
+mod sysfs;
+#[cfg(test)]
+mod testfs;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
+use std::time::{Duration, Instant};
+
+pub use index::{
+    DiskVolumes, PvInfo, VolumeIndex, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC, LABEL_STORAGE_CLASS,
+};
+
+use discover::Discovery;
+use pv_store::PvStore;
+use sysfs::Sysfs;
+
+/// Where discovery looks. The defaults are a DaemonSet pod's view with the kubelet root mounted
+/// at its host path.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// The kubelet's root directory as the agent sees it.
+    pub kubelet_root: PathBuf,
+    /// The same directory's path on the host: the kubelet's symlinks point into it.
+    pub host_kubelet_root: PathBuf,
+    pub mountinfo: PathBuf,
+    pub sysfs: PathBuf,
+    /// How long one discovery serves scrapes; zero scans on every call.
+    pub ttl: Duration,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_root: "/var/lib/kubelet".into(),
+            host_kubelet_root: "/var/lib/kubelet".into(),
+            mountinfo: "/proc/self/mountinfo".into(),
+            sysfs: "/sys".into(),
+            ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Keeps the PV watch running and answers "which PVs are on which device" at scrape time.
+pub struct VolumeLabeler {
+    discovery: Discovery,
+    pvs: PvStore,
+    ttl: Duration,
+    last: RwLock<Option<(Instant, Arc<VolumeIndex>)>>,
+    scanning: Mutex<()>,
+    watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl VolumeLabeler {
+    /// Starts the PersistentVolume watch on the current tokio runtime. Never fails: with the API
+    /// server unreachable, PVs are labelled by name only until the watch succeeds.
+    pub async fn start(client: kube::Client, cfg: VolumeConfig) -> Self {
+        let (pvs, watch) = PvStore::watch(client);
+        let mut labeler = Self::with_store(pvs, cfg);
+        labeler.watch = Some(watch);
+        labeler
+    }
+
+    fn with_store(pvs: PvStore, cfg: VolumeConfig) -> Self {
+        Self {
+            discovery: Discovery {
+                kubelet_root: cfg.kubelet_root,
+                host_kubelet_root: cfg.host_kubelet_root,
+                mountinfo: cfg.mountinfo,
+                sysfs: Sysfs::new(cfg.sysfs),
+            },
+            pvs,
+            ttl: cfg.ttl,
+            last: RwLock::new(None),
+            scanning: Mutex::new(()),
+            watch: None,
+        }
+    }
+
+    /// The current mapping. Cheap and never blocked by the API server: it reads the local
+    /// watch cache, and scans the node at most once per `ttl`.
+    pub fn index(&self) -> Arc<VolumeIndex> {
+        if let Some(fresh) = self.fresh() {
+            return fresh;
+        }
+        let _scan = match self.scanning.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => match self.previous() {
+                Some(previous) => return previous,
+                // The very first scan: nothing to fall back on, so wait for it.
+                None => self.scanning.lock().unwrap_or_else(PoisonError::into_inner),
+            },
+        };
+        if let Some(fresh) = self.fresh() {
+            return fresh; // scanned by the call we waited for
+        }
+        let started = Instant::now();
+        let found = self.discovery.scan();
+        let index = Arc::new(index::build(&found, &self.pvs, &self.discovery.sysfs));
+        tracing::debug!(
+            volumes = found.len(),
+            devices = index.iter().count(),
+            pv_list_synced = self.pvs.synced(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "volume discovery"
+        );
+        *self.last.write().unwrap_or_else(PoisonError::into_inner) =
+            Some((Instant::now(), index.clone()));
+        index
+    }
+
+    fn fresh(&self) -> Option<Arc<VolumeIndex>> {
+        let last = self.last.read().unwrap_or_else(PoisonError::into_inner);
+        let (at, index) = last.as_ref()?;
+        (at.elapsed() < self.ttl).then(|| index.clone())
+    }
+
+    fn previous(&self) -> Option<Arc<VolumeIndex>> {
+        let last = self.last.read().unwrap_or_else(PoisonError::into_inner);
+        last.as_ref().map(|(_, index)| index.clone())
+    }
+}
+
+impl Drop for VolumeLabeler {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.abort();
+        }
+    }
+}
