@@ -19,6 +19,7 @@ removed at the end. Usage:
   BIO_PROMETHEUS3=$(tests/prometheus/build.sh | tail -1) python3 tests/prometheus/bench_scrape.py
 """
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ def time_scrapes(agent, accept, n, warmup=3):
         fetch(agent.url + "/metrics", accept)
     times, sizes = [], set()
     ctype = enc = ""
+    body = b""
     for _ in range(n):
         dt, body, ctype, enc = fetch(agent.url + "/metrics", accept)
         times.append(dt)
@@ -59,6 +61,8 @@ def time_scrapes(agent, accept, n, warmup=3):
     return {
         "content_type": ctype, "content_encoding": enc or "identity",
         "bytes": max(sizes), "bytes_min": min(sizes), "scrapes": n,
+        # What the body would be gzip'd (Prometheus sends Accept-Encoding: gzip), for reference.
+        "bytes_gzip6": len(gzip.compress(body, 6)) if not enc else None,
         "ms_median": 1e3 * statistics.median(times),
         "ms_p90": 1e3 * times[int(0.9 * (n - 1))],
         "ms_max": 1e3 * times[-1],
@@ -99,6 +103,7 @@ def prometheus_figures(binary, agent, label, native, interval, settle_scrapes=6)
             "scrape_samples_scraped": q(f"scrape_samples_scraped{sel}"),
             "scrape_series_added_max": q(f"max_over_time(scrape_series_added{sel}[{window}])"),
             "scrape_duration_ms_avg": 1e3 * q(f"avg_over_time(scrape_duration_seconds{sel}[{window}])"),
+            "scrape_duration_ms_median": 1e3 * q(f"quantile_over_time(0.5, scrape_duration_seconds{sel}[{window}])"),
             "scrape_duration_ms_max": 1e3 * q(f"max_over_time(scrape_duration_seconds{sel}[{window}])"),
             "scrape_body_size_bytes": q(f"scrape_body_size_bytes{sel}"),
             "histogram_series": len(prom.series('{__name__=~"ebpf_bio_req_(size|latency)(_bucket|_count|_sum)?"}')),
@@ -200,24 +205,25 @@ def print_markdown(r):
           f"load average at start {m['loadavg'][0]:.1f}")
     print(f"Agent: {r['agent']}; {r['devices']} loop devices × {len(r['operations'])} operations "
           f"({', '.join(r['operations'])}) = {r['device_operation_pairs']} device/operation pairs\n")
-    print("| format | bytes per scrape | client time per scrape: median / p90 / max (ms) |")
-    print("|---|---:|---:|")
+    print("| format | bytes per scrape | gzip -6 of it | client time per scrape: median / p90 / max (ms) |")
+    print("|---|---:|---:|---:|")
     for key in ("text", "protobuf"):
         x = r.get(key)
         if x:
-            print(f"| {key} (`{x['content_type']}`, {x['content_encoding']}) | {x['bytes']:,} | "
+            gz = f"{x['bytes_gzip6']:,}" if x.get("bytes_gzip6") else "served compressed"
+            print(f"| {key} (`{x['content_type']}`, {x['content_encoding']}) | {x['bytes']:,} | {gz} | "
                   f"{x['ms_median']:.1f} / {x['ms_p90']:.1f} / {x['ms_max']:.1f} |")
         else:
-            print(f"| {key} | TODO: agent has no protobuf exposition | |")
+            print(f"| {key} | TODO: agent has no protobuf exposition | | |")
     print()
     print("| server | histograms | scrape_samples_scraped | histogram series stored | "
-          "scrape_duration_seconds avg / max (ms) | scrape_body_size_bytes |")
+          "scrape_duration_seconds median / avg / max (ms) | scrape_body_size_bytes |")
     print("|---|---|---:|---:|---:|---:|")
     for f in r["prometheus"]:
         print(f"| {f['server']} {f['version']} | {'native (protobuf)' if f['native'] else 'classic (text)'} "
               f"| {f['scrape_samples_scraped']:.0f} | {f['histogram_series']} "
-              f"| {f['scrape_duration_ms_avg']:.1f} / {f['scrape_duration_ms_max']:.1f} "
-              f"| {f['scrape_body_size_bytes'] if f['scrape_body_size_bytes'] is not None else 'n/a'} |")
+              f"| {f['scrape_duration_ms_median']:.1f} / {f['scrape_duration_ms_avg']:.1f} / {f['scrape_duration_ms_max']:.1f} "
+              f"| {f['scrape_body_size_bytes']:,.0f} |" if f['scrape_body_size_bytes'] is not None else "| n/a |")
 
 
 if __name__ == "__main__":
