@@ -1,6 +1,7 @@
 # Shared helpers for tests/cluster/*.sh (sourced, not executed).
 # shellcheck shell=bash
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 die() { echo "${0##*/}: error: $*" >&2; exit 1; }

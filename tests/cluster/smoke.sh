@@ -4,6 +4,8 @@
 # only, then tear down. Exits non-zero if any check fails; the last line is
 # "N passed, N failed".
 # Env: KEEP=1 keep the temp workdir (logs) even on success.
+# The bash -c '...' snippets expand their own $1, $2 on purpose.
+# shellcheck disable=SC2016
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PASS=0 FAIL=0
