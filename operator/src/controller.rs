@@ -461,6 +461,12 @@ async fn publish_transition_events(
         }
     }
     for (reason, note) in events {
+        // Events are writes too: a replica that resumed after losing the
+        // lease must not report anything (the invalid-spec path reaches this
+        // point without any fenced apply before it).
+        if ctx.fence.check().is_err() {
+            return;
+        }
         let event = KubeEvent {
             type_: EventType::Warning,
             reason: reason.into(),

@@ -7,8 +7,25 @@
 # Usage: operator/tests/e2e.sh [workdir]
 #   With a workdir of a running tests/cluster cluster it reuses it (and leaves
 #   it up); without, it starts one in a temp dir and stops it at the end.
+#   Prints "N passed, N failed" as its last line; exits non-zero on any failure.
 # Env: BIO_OPERATOR_BIN  operator binary (default: cargo build, debug)
-#      HELM              helm binary (default: helm from the cluster's PATH)
+#      HELM / HELM3      Helm 4 / Helm 3 binaries (default: helm / helm3 from
+#                        the cluster's PATH)
+#
+# What it covers, in order:
+#   * the real Prometheus Operator ServiceMonitor CRD, fetched at test time
+#     from its Go module (go mod download), so the API server validates the
+#     operator's ServiceMonitors against the real schema;
+#   * CRD upgrade: an older BioMonitor CRD (one field less) is installed
+#     before the chart; Helm leaves it alone, the operator upgrades it;
+#   * Helm 4 (main release) and Helm 3 (lint, template | server dry run,
+#     install, uninstall of a second release);
+#   * schema rejections; children and their content (security context,
+#     mounts, ports, selectors, owner references); 3/3 nodes Ready;
+#     CRDNotInstalled then Ready once the CRD appears; InvalidSpec; rolling a
+#     spec change; NodeConflict; deletion (finalizer, garbage collection);
+#   * two replicas: SIGSTOP the leader past its lease, the other takes over,
+#     the resumed one stands down and writes nothing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -16,46 +33,85 @@ CLUSTER="$ROOT/tests/cluster"
 SYS_NS=bio-e2e-system
 AGENT_NS=bio-e2e-agents
 OTHER_NS=bio-e2e-team-b
+H3_NS=bio-e2e-helm3
 RELEASE=bio-e2e
+H3_RELEASE=bio-e2e-h3
 FULL="$RELEASE-bio-exporter"
+BM_CRD=biomonitors.bioexporter.io
+SM_CRD=servicemonitors.monitoring.coreos.com
+# The real ServiceMonitor CRD ships in the Prometheus Operator's Go module;
+# the h1: sum pins the module content (go also checks it against sum.golang.org).
+PROM_OP_MODULE=github.com/prometheus-operator/prometheus-operator
+PROM_OP_VERSION=v0.85.0
+PROM_OP_SUM='h1:M5xLCLEoaW2IJfnuCwFzzpL+jSVQu3KGT84Pye+fW8s='
+PROM_OP_SM_CRD=example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
+# Leader election, shorter than the defaults (15s/10s/2s) to keep the run short.
+LEASE_ARGS=(--lease-duration 12s --renew-deadline 8s --retry-period 1s)
 PASS=0 FAIL=0
 PIDS=()
+T_START=$SECONDS
 
-log() { echo "e2e: $*" >&2; }
+log() { echo "e2e [$((SECONDS - T_START))s]: $*" >&2; }
 ok() { PASS=$((PASS + 1)); log "ok: $*"; }
 bad() { FAIL=$((FAIL + 1)); log "FAIL: $*"; }
 
-OWN_CLUSTER=0
+OWN_CLUSTER=0 CREATED_SM_CRD=0 SUMMARY_PRINTED=0
 if [[ -n "${1:-}" ]]; then
   W="$1"
 else
   W="$(mktemp -d /tmp/bio-e2e.XXXXXX)"
   OWN_CLUSTER=1
+fi
+
+CLEANED_UP=0
+cleanup() {
+  local pid
+  ((CLEANED_UP)) && return 0
+  CLEANED_UP=1
+  for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
+  if ((!OWN_CLUSTER)) && [[ -n "${ADMIN_KUBECONFIG:-}" ]]; then
+    # Leave a reused cluster as found; delete while an operator still runs so
+    # the finalizers are handled.
+    local ns
+    for ns in "$AGENT_NS" "$OTHER_NS" "$H3_NS"; do
+      KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete biomonitors --all -n "$ns" --timeout=30s >/dev/null 2>&1 || true
+    done
+    KUBECONFIG="$ADMIN_KUBECONFIG" "${HELM3:-helm3}" uninstall "$H3_RELEASE" -n "$H3_NS" >/dev/null 2>&1 || true
+    KUBECONFIG="$ADMIN_KUBECONFIG" "${HELM:-helm}" uninstall "$RELEASE" -n "$SYS_NS" >/dev/null 2>&1 || true
+    # Helm keeps CRDs; this run created them, so it removes them.
+    KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd "$BM_CRD" >/dev/null 2>&1 || true
+    if ((CREATED_SM_CRD)); then KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd "$SM_CRD" >/dev/null 2>&1 || true; fi
+  fi
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+  if ((OWN_CLUSTER)); then
+    "$CLUSTER/down.sh" "$W" >&2 || true
+  fi
+}
+on_exit() {
+  local rc=$?
+  cleanup
+  if ((!SUMMARY_PRINTED)); then
+    # Aborted by an unexpected error (set -e): that is a failure too.
+    log "aborted (exit code $rc) after ${PASS} passed checks"
+    echo "$PASS passed, $((FAIL + 1)) failed"
+    exit 1
+  fi
+}
+trap on_exit EXIT
+
+if ((OWN_CLUSTER)); then
   "$CLUSTER/up.sh" "$W" >&2
 fi
 # shellcheck disable=SC1091
 source "$W/env"
 ADMIN_KUBECONFIG="$KUBECONFIG"
 HELM="${HELM:-helm}"
+HELM3="${HELM3:-helm3}"
 OUT="$W/bio-e2e"
 mkdir -p "$OUT"
-
-cleanup() {
-  local pid
-  if ((!OWN_CLUSTER)); then
-    # Leave a reused cluster as found; delete while an operator still runs so
-    # the finalizers are handled.
-    KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete biomonitors --all -n "$AGENT_NS" --timeout=30s >/dev/null 2>&1 || true
-    KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete biomonitors --all -n "$OTHER_NS" --timeout=30s >/dev/null 2>&1 || true
-    ((CREATED_SM_CRD)) && KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1
-  fi
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if ((OWN_CLUSTER)); then
-    "$CLUSTER/down.sh" "$W" >&2 || true
-  fi
-}
-trap cleanup EXIT
+export CHECK_DIR="$OUT"
 
 # wait_for SECONDS DESCRIPTION CMD...: retry CMD until it succeeds.
 wait_for() {
@@ -66,38 +122,136 @@ wait_for() {
       bad "$what (after ${timeout}s)"
       return 1
     fi
-    sleep 1
+    sleep 0.5
   done
   ok "$what"
+}
+# expect DESCRIPTION CMD...: one check, no retry.
+expect() {
+  local what="$1"
+  shift
+  if "$@" >/dev/null 2>&1; then ok "$what"; else bad "$what"; fi
 }
 
 k() { KUBECONFIG="$ADMIN_KUBECONFIG" kubectl --request-timeout=10s "$@"; }
 # cond NS NAME TYPE -> "Status/Reason"
 cond() { k get biomonitor -n "$1" "$2" -o jsonpath="{.status.conditions[?(@.type==\"$3\")].status}/{.status.conditions[?(@.type==\"$3\")].reason}"; }
 cond_is() { [[ "$(cond "$1" "$2" "$3")" == "$4" ]]; }
+jp_is() { # NS KIND NAME JSONPATH VALUE
+  [[ "$(k get "$2" -n "$1" "$3" -o jsonpath="$4")" == "$5" ]]
+}
 gen_observed() { [[ "$(k get biomonitor -n "$1" "$2" -o jsonpath='{.metadata.generation}')" == "$(k get biomonitor -n "$1" "$2" -o jsonpath='{.status.observedGeneration}')" ]]; }
+gone() { ! k get "$@" >/dev/null 2>&1; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-leader_metric() { curl -fsS --max-time 2 "http://127.0.0.1:$1/metrics" | grep -q '^bio_operator_leader 1'; }
+leader_metric() { curl -fsS --noproxy '*' --max-time 2 "http://127.0.0.1:$1/metrics" | grep -q '^bio_operator_leader 1'; }
+lease_holder() { k get lease -n "$SYS_NS" "$FULL-leader" -o jsonpath='{.spec.holderIdentity}'; }
+holder_is() { [[ "$(lease_holder)" == "$1"_* ]]; }
+# events NS REASON INSTANCE -> how many events with that reason were reported by that replica
+events() {
+  k get events -n "$1" --field-selector "reason=$2" -o jsonpath='{range .items[*]}{.reportingInstance}{"\n"}{end}' | grep -cx "$3" || true
+}
+
+# save NAME kubectl-get-args...: the object as $OUT/NAME.json for pyck.
+save() { local name="$1"; shift; k get "$@" --show-managed-fields -o json >"$OUT/$name.json"; }
+# pyck DESCRIPTION NAME EXPR: EXPR (Python) on o = the saved object NAME.
+cat >"$OUT/check.py" <<'PY'
+import json, os, sys
+D = os.environ["CHECK_DIR"]
+E = os.environ
+def load(name):
+    with open(os.path.join(D, name + ".json")) as f:
+        return json.load(f)
+def pod(ds): return ds["spec"]["template"]["spec"]
+def ctr(ds): return pod(ds)["containers"][0]
+def sc(ds): return ctr(ds)["securityContext"]
+def subset(a, b): return all((b or {}).get(k) == v for k, v in (a or {}).items())
+def owned_by_monitor(obj, name, uid):
+    refs = obj["metadata"].get("ownerReferences") or []
+    return len(refs) == 1 and all([
+        refs[0]["apiVersion"] == "bioexporter.io/v1alpha1", refs[0]["kind"] == "BioMonitor",
+        refs[0]["name"] == name, refs[0]["uid"] == uid,
+        refs[0].get("controller") is True, refs[0].get("blockOwnerDeletion") is True])
+def applied_by(obj, manager="bio-operator"):
+    return any(m.get("manager") == manager and m.get("operation") == "Apply"
+               for m in obj["metadata"].get("managedFields") or [])
+o = load(sys.argv[1])
+ok = eval("(" + sys.argv[2] + "\n)")
+sys.exit(0 if ok else 1)
+PY
+pyck() {
+  local what="$1" name="$2" expr="$3"
+  if python3 "$OUT/check.py" "$name" "$expr" 2>"$OUT/pyck.err"; then
+    ok "$what"
+  else
+    bad "$what: $expr $(tail -n1 "$OUT/pyck.err")"
+  fi
+}
 
 # ------------------------------------------------------------------ setup --
-CREATED_SM_CRD=0
-if k get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
-  log "this test needs a cluster without the ServiceMonitor CRD"
-  exit 2
-fi
+for crd in "$SM_CRD" "$BM_CRD"; do
+  if k get crd "$crd" >/dev/null 2>&1; then
+    log "this test needs a cluster without the CRD $crd"
+    SUMMARY_PRINTED=1
+    exit 2
+  fi
+done
+
+log "fetching the ServiceMonitor CRD from Go module $PROM_OP_MODULE@$PROM_OP_VERSION"
+dl="$(cd / && GOTOOLCHAIN=local GOFLAGS=-mod=mod GOWORK=off go mod download -json "$PROM_OP_MODULE@$PROM_OP_VERSION")"
+SM_CRD_FILE="$(python3 -c '
+import json, os, sys
+d = json.load(sys.stdin)
+if d.get("Error"): sys.exit("go mod download: " + d["Error"])
+if d.get("Sum") != sys.argv[1]: sys.exit("module sum %s, want %s" % (d.get("Sum"), sys.argv[1]))
+path = os.path.join(d["Dir"], sys.argv[2])
+if not os.path.isfile(path): sys.exit(path + " missing")
+print(path)' "$PROM_OP_SUM" "$PROM_OP_SM_CRD" <<<"$dl")"
+ok "real ServiceMonitor CRD from the module cache ($PROM_OP_VERSION, sum verified)"
+
 log "nodes: 3 fake nodes labelled bio-e2e=yes, one of them pool=db"
 "$CLUSTER/add-nodes.sh" "$W" 3 bio-e2e >&2
 for i in 0 1 2; do k label node "bio-e2e-$i" bio-e2e=yes --overwrite >/dev/null; done
 k label node bio-e2e-2 pool=db --overwrite >/dev/null
 
-log "helm install (agent namespace created and labelled by the chart)"
-"$HELM" upgrade --install "$RELEASE" "$ROOT/charts/bio-exporter" -n "$SYS_NS" --create-namespace \
-  --set agentNamespace.create=true --set agentNamespace.name="$AGENT_NS" \
-  --set operator.replicaCount=0 >&2
+# ------------------------------------- helm 4: old release, CRD upgrade --
+# An "older release" of the chart whose crds/ holds an older CRD: the
+# committed one without spec.agent.priorityClassName. `helm upgrade` to this
+# chart never touches crds/, so the CRD stays old until the operator applies
+# its own at start-up.
+has_pcn() { [[ "$(k get crd "$BM_CRD" -o jsonpath='{.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.agent.properties.priorityClassName.type}')" == string ]]; }
+pcn_monitor() { printf 'apiVersion: bioexporter.io/v1alpha1\nkind: BioMonitor\nmetadata: {name: pcn, namespace: %s}\nspec: {nodeSelector: {none: none}, agent: {priorityClassName: node-agents}}\n' "$AGENT_NS"; }
+OLD_CHART="$OUT/old-chart/bio-exporter"
+rm -rf "$OUT/old-chart" && mkdir -p "$OUT/old-chart" && cp -r "$ROOT/charts/bio-exporter" "$OUT/old-chart/"
+sed -i 's/^version: .*/version: 0.0.1/' "$OLD_CHART/Chart.yaml"
+k create -f "$ROOT/crds/$BM_CRD.yaml" --dry-run=client -o json | python3 -c '
+import json, sys
+crd = json.load(sys.stdin)
+for v in crd["spec"]["versions"]:
+    del v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["agent"]["properties"]["priorityClassName"]
+json.dump(crd, sys.stdout, indent=1)' >"$OLD_CHART/crds/$BM_CRD.yaml"
+
+HELM_ARGS=(-n "$SYS_NS" --set agentNamespace.create=true --set agentNamespace.name="$AGENT_NS" --set operator.replicaCount=0)
+expect "helm (v4) lint --strict" "$HELM" lint --strict "$ROOT/charts/bio-exporter"
+log "helm (v4) install of the old chart (agent namespace created and labelled by the chart)"
+"$HELM" install "$RELEASE" "$OLD_CHART" --create-namespace "${HELM_ARGS[@]}" >>"$OUT/helm.log"
+lacks_pcn() { k get crd "$BM_CRD" >/dev/null && ! has_pcn; }
+expect "old chart installed the old CRD" lacks_pcn
+log "helm (v4) upgrade to this chart"
+"$HELM" upgrade "$RELEASE" "$ROOT/charts/bio-exporter" "${HELM_ARGS[@]}" >>"$OUT/helm.log"
+expect "helm (v4) release deployed at revision 2" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG $HELM status $RELEASE -n $SYS_NS | grep -q 'REVISION: 2'"
+if has_pcn; then bad "helm upgrade changed the CRD (expected crds/ to be left alone)"; else ok "helm upgrade left the old CRD alone"; fi
+if out="$(pcn_monitor | k apply --dry-run=server -f - 2>&1)"; then
+  bad "old CRD accepted spec.agent.priorityClassName"
+elif [[ "$out" == *'unknown field "spec.agent.priorityClassName"'* ]]; then
+  ok "old CRD rejects the new field"
+else
+  bad "old CRD rejected for another reason: $out"
+fi
 k create namespace "$OTHER_NS" --dry-run=client -o yaml | k apply -f - >/dev/null
 k label namespace "$OTHER_NS" pod-security.kubernetes.io/enforce=privileged --overwrite >/dev/null
 "$CLUSTER/sa-kubeconfig.sh" "$W" "$SYS_NS" "$FULL" "$OUT/operator.kubeconfig" >/dev/null
 
+# --------------------------------------------------------------- operator --
 if [[ -z "${BIO_OPERATOR_BIN:-}" ]]; then
   (cd "$ROOT" && cargo build -q -p bio-operator --bin bio-operator)
   BIO_OPERATOR_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/bio-operator"
@@ -105,7 +259,7 @@ fi
 
 start_operator() { # NAME PORT
   KUBECONFIG="$OUT/operator.kubeconfig" "$BIO_OPERATOR_BIN" \
-    --lease-namespace "$SYS_NS" --lease-name "$FULL-leader" \
+    --lease-namespace "$SYS_NS" --lease-name "$FULL-leader" "${LEASE_ARGS[@]}" \
     --agent-cluster-role "$FULL-agent" --agent-image example.invalid/node-agent:e2e \
     --metrics-addr "127.0.0.1:$2" --leader-identity "$1" \
     --crd-retry-interval 5s --resync-interval 30s \
@@ -119,6 +273,19 @@ PORT_A="$(free_port)"
 start_operator op-a "$PORT_A"
 PID_A=$LAST_PID
 wait_for 60 "operator A leads" leader_metric "$PORT_A"
+
+# ---------------------------------------------------- CRD upgrade: after --
+wait_for 30 "operator upgraded the CRD at start-up (new field in the served schema)" has_pcn
+save crd crd "$BM_CRD"
+k create -f "$ROOT/crds/$BM_CRD.yaml" --dry-run=client -o json >"$OUT/crd-committed.json"
+pyck "served CRD versions equal the committed crds/ file" crd \
+  '[(v["name"], v["schema"], v.get("additionalPrinterColumns"), v.get("subresources")) for v in o["spec"]["versions"]] == [(v["name"], v["schema"], v.get("additionalPrinterColumns"), v.get("subresources")) for v in load("crd-committed")["spec"]["versions"]]'
+pyck "CRD server-side applied by bio-operator" crd 'applied_by(o)'
+if out="$(pcn_monitor | k apply --dry-run=server -f - -o jsonpath='{.spec.agent.priorityClassName}' 2>&1)" && [[ "$out" == node-agents ]]; then
+  ok "upgraded CRD accepts and keeps the new field"
+else
+  bad "upgraded CRD: $out"
+fi
 
 # ------------------------------------------------------ schema validation --
 # rejects NAME SPEC PATTERN: a server-side dry run must fail mentioning PATTERN.
@@ -140,8 +307,10 @@ rejects disks '{agent: {extraCapabilities: [CAP_SYS_RESOURCE]}}' 'without the CA
 rejects disks '{serviceMonitor: {interval: 30s, scrapeTimeout: 1m}}' 'scrapeTimeout must not be longer than interval'
 rejects disks '{attach: fentry}' 'Unsupported value'
 rejects disks '{serviceMonitor: {interval: 5 minutes}}' 'should match'
+rejects disks '{agent: {logLevel: verbose}}' 'Unsupported value'
+rejects disks '{devices: {include: 42}}' 'must be of type array'
 
-# ------------------------------------------------- reconcile & conditions --
+# ------------------------------------------------- reconcile & children ----
 k apply -f - >/dev/null <<EOF
 apiVersion: bioexporter.io/v1alpha1
 kind: BioMonitor
@@ -152,49 +321,105 @@ spec:
 EOF
 wait_for 60 "DaemonSetReady=True on 3 nodes" cond_is "$AGENT_NS" disks DaemonSetReady True/AllAgentsReady
 wait_for 30 "ServiceMonitorReady=False/CRDNotInstalled without the CRD" cond_is "$AGENT_NS" disks ServiceMonitorReady False/CRDNotInstalled
-[[ "$(k get biomonitor -n "$AGENT_NS" disks -o jsonpath='{.status.nodes}')" == 3/3 ]] && ok "status.nodes 3/3" || bad "status.nodes"
-args="$(k get ds -n "$AGENT_NS" disks-agent -o jsonpath='{.spec.template.spec.containers[0].args}')"
-[[ "$args" == *'--device-exclude=^sd[a-z]$$'* && "$args" == *'--node-name=$(NODE_NAME)'* ]] && ok "agent args" || bad "agent args: $args"
-sc="$(k get ds -n "$AGENT_NS" disks-agent -o jsonpath='{.spec.template.spec.containers[0].securityContext}')"
-[[ "$sc" == *'"add":["BPF","PERFMON"]'* && "$sc" == *'"privileged":false'* ]] && ok "agent securityContext" || bad "securityContext: $sc"
-k get svc,sa -n "$AGENT_NS" disks-agent >/dev/null && ok "Service and ServiceAccount" || bad "Service/ServiceAccount missing"
-k get clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks" >/dev/null && ok "ClusterRoleBinding" || bad "ClusterRoleBinding missing"
-sleep 12 # two CRD retry periods
-uid="$(k get biomonitor -n "$AGENT_NS" disks -o jsonpath='{.metadata.uid}')"
-n="$(k get events -n "$AGENT_NS" --field-selector "reason=CRDNotInstalled,involvedObject.uid=$uid" -o name | wc -l)"
-[[ "$n" == 1 ]] && ok "one CRDNotInstalled event" || bad "CRDNotInstalled events: $n"
+T_CRD_MISSING=$SECONDS
+save bm biomonitor -n "$AGENT_NS" disks
+pyck "status nodes 3/3, readyNodes=desiredNodes=3" bm 'o["status"]["nodes"] == "3/3" and o["status"]["readyNodes"] == 3 and o["status"]["desiredNodes"] == 3'
+pyck "finalizer set" bm '"bioexporter.io/cluster-resources" in o["metadata"]["finalizers"]'
+export UID_DISKS
+UID_DISKS="$(k get biomonitor -n "$AGENT_NS" disks -o jsonpath='{.metadata.uid}')"
 
-log "install a ServiceMonitor CRD: the ServiceMonitor must follow without a restart"
+save pods pods -n "$AGENT_NS" -l app.kubernetes.io/instance=disks
+pyck "3 agent pods Running and Ready, one per node" pods '
+sorted(p["spec"]["nodeName"] for p in o["items"]) == ["bio-e2e-0", "bio-e2e-1", "bio-e2e-2"] and
+all(p["status"]["phase"] == "Running" and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"]["conditions"]) for p in o["items"])'
+
+save ds ds -n "$AGENT_NS" disks-agent
+pyck "DaemonSet: owned by the BioMonitor (controller), applied by bio-operator" ds 'owned_by_monitor(o, "disks", E["UID_DISKS"]) and applied_by(o)'
+pyck "DaemonSet: selector matches the pod template labels" ds 'o["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "bio-exporter-agent", "app.kubernetes.io/instance": "disks"} and subset(o["spec"]["selector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])'
+pyck "DaemonSet: node selector is the spec plus kubernetes.io/os=linux" ds 'pod(o)["nodeSelector"] == {"kubernetes.io/os": "linux", "bio-e2e": "yes"}'
+pyck "DaemonSet: RollingUpdate maxUnavailable 1, maxSurge 0" ds 'o["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}'
+pyck "agent: not privileged, no privilege escalation" ds 'sc(o)["privileged"] is False and sc(o)["allowPrivilegeEscalation"] is False'
+pyck "agent: capabilities drop ALL, add BPF+PERFMON only" ds 'sc(o)["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}'
+pyck "agent: readOnlyRootFilesystem, runAsUser 0, seccomp Unconfined" ds 'sc(o)["readOnlyRootFilesystem"] is True and sc(o)["runAsUser"] == 0 and sc(o)["seccompProfile"] == {"type": "Unconfined"}'
+pyck "agent: no host network/PID/IPC" ds 'not any(pod(o).get(f) for f in ("hostNetwork", "hostPID", "hostIPC"))'
+pyck "agent: hostPath volumes are tracefs and the kubelet root only" ds 'sorted(v["hostPath"]["path"] for v in pod(o)["volumes"]) == ["/sys/kernel/tracing", "/var/lib/kubelet"]'
+pyck "agent: mounts read-only, kubelet root with HostToContainer" ds 'sorted(m["mountPath"] for m in ctr(o)["volumeMounts"]) == ["/sys/kernel/tracing", "/var/lib/kubelet"] and all(m.get("readOnly") is True for m in ctr(o)["volumeMounts"]) and [m.get("mountPropagation") for m in ctr(o)["volumeMounts"] if m["mountPath"] == "/var/lib/kubelet"] == ["HostToContainer"]'
+pyck "agent: container port metrics/9435" ds 'ctr(o)["ports"] == [{"name": "metrics", "containerPort": 9435, "protocol": "TCP"}]'
+pyck "agent: probes /readyz and /healthz on the named port" ds 'ctr(o)["readinessProbe"]["httpGet"]["path"] == "/readyz" and ctr(o)["livenessProbe"]["httpGet"]["path"] == "/healthz" and ctr(o)["readinessProbe"]["httpGet"]["port"] == ctr(o)["livenessProbe"]["httpGet"]["port"] == "metrics"'
+pyck "agent: NODE_NAME from spec.nodeName" ds 'ctr(o)["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}}]'
+pyck "agent: args (\$ escaped for the kubelet, node name, attach, PV labels)" ds '{"--device-exclude=^sd[a-z]$$", "--device-exclude=^loop", "--node-name=$(NODE_NAME)", "--attach=auto", "--pv-labels=true", "--listen=0.0.0.0:9435"} <= set(ctr(o)["args"])'
+pyck "agent: own ServiceAccount with a token (PV labels on)" ds 'pod(o)["serviceAccountName"] == "disks-agent" and pod(o)["automountServiceAccountToken"] is True'
+pyck "agent: default tolerations tolerate every taint" ds 'pod(o)["tolerations"] == [{"operator": "Exists"}]'
+pyck "agent: image from --agent-image" ds 'ctr(o)["image"] == "example.invalid/node-agent:e2e"'
+
+save svc svc -n "$AGENT_NS" disks-agent
+pyck "Service: headless, port metrics -> targetPort metrics" svc 'o["spec"]["clusterIP"] == "None" and o["spec"]["ports"] == [{"name": "metrics", "port": 9435, "targetPort": "metrics", "protocol": "TCP"}]'
+pyck "Service: selects the DaemonSet's pods" svc 'o["spec"]["selector"] == load("ds")["spec"]["selector"]["matchLabels"]'
+pyck "Service: owned by the BioMonitor" svc 'owned_by_monitor(o, "disks", E["UID_DISKS"]) and applied_by(o)'
+save sa sa -n "$AGENT_NS" disks-agent
+pyck "ServiceAccount: owned by the BioMonitor" sa 'owned_by_monitor(o, "disks", E["UID_DISKS"])'
+save crb clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks"
+export AGENT_NS FULL
+pyck "ClusterRoleBinding: agent ClusterRole to the agent ServiceAccount, labelled, no owner" crb '
+o["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": E["FULL"] + "-agent"} and
+o["subjects"] == [{"kind": "ServiceAccount", "name": "disks-agent", "namespace": E["AGENT_NS"]}] and
+subset({"bioexporter.io/biomonitor": "disks", "bioexporter.io/biomonitor-namespace": E["AGENT_NS"]}, o["metadata"]["labels"]) and
+not o["metadata"].get("ownerReferences")'
+
+# Two CRD retry periods (5s each) after CRDNotInstalled: still one event.
+sleep $((T_CRD_MISSING + 11 - SECONDS > 0 ? T_CRD_MISSING + 11 - SECONDS : 0))
+n="$(k get events -n "$AGENT_NS" --field-selector "reason=CRDNotInstalled,involvedObject.uid=$UID_DISKS" -o name | wc -l)"
+[[ "$n" == 1 ]] && ok "one CRDNotInstalled event over several retries" || bad "CRDNotInstalled events: $n"
+
+# ------------------------------------------------ the real ServiceMonitor CRD --
+log "install the real ServiceMonitor CRD: the ServiceMonitor must follow without a restart"
 CREATED_SM_CRD=1
-k apply -f - >/dev/null <<'EOF'
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: servicemonitors.monitoring.coreos.com}
-spec:
-  group: monitoring.coreos.com
-  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor, listKind: ServiceMonitorList}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-EOF
+k create -f "$SM_CRD_FILE" >/dev/null
+k wait --for=condition=Established "crd/$SM_CRD" --timeout=30s >/dev/null
 wait_for 60 "Ready=True once the CRD exists" cond_is "$AGENT_NS" disks Ready True/Ready
-[[ "$(k get servicemonitor -n "$AGENT_NS" disks-agent -o jsonpath='{.spec.endpoints[0].honorLabels}')" == true ]] \
-  && ok "ServiceMonitor honorLabels" || bad "ServiceMonitor honorLabels"
+expect "status nodes 3/3 when Ready" jp_is "$AGENT_NS" biomonitor disks '{.status.nodes}' 3/3
+save sm servicemonitor -n "$AGENT_NS" disks-agent
+pyck "ServiceMonitor: endpoint port metrics, honorLabels, /metrics over http" sm '
+[(e["port"], e["honorLabels"], e["path"], e["scheme"]) for e in o["spec"]["endpoints"]] == [("metrics", True, "/metrics", "http")]'
+pyck "ServiceMonitor: selector matches the Service's labels and selector" sm '
+subset(o["spec"]["selector"]["matchLabels"], load("svc")["metadata"]["labels"]) and o["spec"]["selector"]["matchLabels"] == load("svc")["spec"]["selector"]'
+pyck "ServiceMonitor: namespaceSelector is the BioMonitor's namespace" sm 'o["spec"]["namespaceSelector"] == {"matchNames": [E["AGENT_NS"]]}'
+pyck "ServiceMonitor: owned by the BioMonitor" sm 'owned_by_monitor(o, "disks", E["UID_DISKS"]) and applied_by(o)'
+# The schema is the real one, not a permissive stub: it rejects a bad scheme.
+if out="$(printf 'apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: bogus, namespace: %s}\nspec: {selector: {}, endpoints: [{port: metrics, scheme: gopher}]}\n' "$AGENT_NS" | k apply --dry-run=server -f - 2>&1)"; then
+  bad "the ServiceMonitor CRD accepted scheme: gopher (not the real schema?)"
+else
+  [[ "$out" == *'Unsupported value'* ]] && ok "real ServiceMonitor schema validates (rejects scheme: gopher)" || bad "bogus ServiceMonitor: $out"
+fi
 
-log "bad regex -> InvalidSpec"
+# ------------------------------------------------------ invalid spec, roll --
+log "bad regex -> InvalidSpec, nothing else changes"
+DS_GEN="$(k get ds -n "$AGENT_NS" disks-agent -o jsonpath='{.metadata.generation}')"
+OLD_HASH="$(k get pods -n "$AGENT_NS" -l app.kubernetes.io/instance=disks -o jsonpath='{.items[0].metadata.labels.controller-revision-hash}')"
 k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"devices":{"include":["nvme(\\d+"]}}}' >/dev/null
 wait_for 30 "Ready=False/InvalidSpec" cond_is "$AGENT_NS" disks Ready False/InvalidSpec
 wait_for 10 "observedGeneration follows an invalid spec" gen_observed "$AGENT_NS" disks
-k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"devices":{"include":["^nvme\\d+n\\d+$"]},"persistentVolumeLabels":false}}' >/dev/null
-wait_for 30 "fixed spec -> Ready=True" cond_is "$AGENT_NS" disks Ready True/Ready
+msg="$(k get biomonitor -n "$AGENT_NS" disks -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')"
+[[ "$msg" == *'devices.include[0]'* ]] && ok "InvalidSpec message names the field" || bad "InvalidSpec message: $msg"
+expect "DaemonSet untouched while the spec is invalid" jp_is "$AGENT_NS" ds disks-agent '{.metadata.generation}' "$DS_GEN"
+wait_for 10 "one InvalidSpec event" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get events -n $AGENT_NS --field-selector reason=InvalidSpec,involvedObject.uid=$UID_DISKS -o name | wc -l) == 1 ]]"
+
+log "fixed spec with other changes -> DaemonSet rolls"
+k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"devices":{"include":["^nvme\\d+n\\d+$"]},"agent":{"logLevel":"debug"},"serviceMonitor":{"interval":"15s","scrapeTimeout":"10s"}}}' >/dev/null
+wait_for 60 "fixed spec -> Ready=True (rolled out)" cond_is "$AGENT_NS" disks Ready True/Ready
 wait_for 10 "observedGeneration advanced" gen_observed "$AGENT_NS" disks
-args="$(k get ds -n "$AGENT_NS" disks-agent -o jsonpath='{.spec.template.spec.containers[0].args}')"
-[[ "$args" == *'--pv-labels=false'* ]] && ok "spec change rolled into the DaemonSet" || bad "args after change: $args"
-wait_for 20 "ClusterRoleBinding removed without PV labels" bash -c "! KUBECONFIG=$ADMIN_KUBECONFIG kubectl get clusterrolebinding bio-exporter-agent:$AGENT_NS:disks"
+save ds ds -n "$AGENT_NS" disks-agent
+export DS_GEN OLD_HASH
+pyck "DaemonSet template changed (generation advanced, new args)" ds 'o["metadata"]["generation"] > int(E["DS_GEN"]) and {"--log-level=debug", "--device-include=^nvme\\d+n\\d+$$"} <= set(ctr(o)["args"])'
+pyck "DaemonSet controller rolled every agent" ds 'o["status"]["observedGeneration"] == o["metadata"]["generation"] and o["status"]["updatedNumberScheduled"] == o["status"]["numberReady"] == 3'
+save pods pods -n "$AGENT_NS" -l app.kubernetes.io/instance=disks
+pyck "agent pods replaced by the new revision" pods 'len(o["items"]) == 3 and all(p["metadata"]["labels"]["controller-revision-hash"] != E["OLD_HASH"] for p in o["items"])'
+save sm servicemonitor -n "$AGENT_NS" disks-agent
+pyck "ServiceMonitor interval/scrapeTimeout accepted by the real schema" sm '(o["spec"]["endpoints"][0]["interval"], o["spec"]["endpoints"][0]["scrapeTimeout"]) == ("15s", "10s")'
+
+k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"persistentVolumeLabels":false}}' >/dev/null
+wait_for 30 "ClusterRoleBinding removed without PV labels" gone clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks"
+wait_for 30 "no token and no kubelet mount without PV labels" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and [v[\"hostPath\"][\"path\"] for v in p[\"volumes\"]] == [\"/sys/kernel/tracing\"] else 1)'"
 
 # -------------------------------------------------------------- conflicts --
 k apply -f - >/dev/null <<EOF
@@ -206,21 +431,112 @@ spec:
   serviceMonitor: {enabled: false}
 EOF
 wait_for 30 "later overlapping monitor: Ready=False/NodeConflict" cond_is "$OTHER_NS" db Ready False/NodeConflict
-k get ds -n "$OTHER_NS" db-agent >/dev/null 2>&1 && bad "blocked monitor has a DaemonSet" || ok "blocked monitor not rolled out"
+msg="$(k get biomonitor -n "$OTHER_NS" db -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')"
+[[ "$msg" == *bio-e2e-2* && "$msg" == *"$AGENT_NS/disks"* ]] && ok "NodeConflict message names the node and the earlier monitor" || bad "NodeConflict message: $msg"
+wait_for 10 "one NodeConflict event" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get events -n $OTHER_NS --field-selector reason=NodeConflict -o name | grep -q ."
+expect "blocked monitor not rolled out" gone ds -n "$OTHER_NS" db-agent
+expect "earlier monitor unaffected" cond_is "$AGENT_NS" disks Ready True/Ready
 
 log "delete the earlier monitor: children go, the blocked one takes over"
-k delete biomonitor -n "$AGENT_NS" disks --timeout=60s >/dev/null && ok "deleted (finalizer released)" || bad "delete hung"
+# Foreground: the BioMonitor disappears only once every child with
+# blockOwnerDeletion is gone (and after the operator removed its finalizer).
+# The garbage collector only tracks a new CRD's objects after its next
+# discovery resync (30s), so the ServiceMonitor may go a little later.
+k delete biomonitor -n "$AGENT_NS" disks --cascade=foreground --timeout=60s >/dev/null && ok "deleted in the foreground (finalizer released)" || bad "delete hung"
+left="$(k get ds,svc,sa -n "$AGENT_NS" -o jsonpath='{range .items[*]}{.kind}/{.metadata.name} deleting={.metadata.deletionTimestamp}{"; "}{end}' | tr ';' '\n' | grep 'disks-agent' || true)"
+[[ -z "$left" ]] && ok "DaemonSet, Service, ServiceAccount gone before their owner (blockOwnerDeletion)" || bad "children left after the foreground deletion: $left"
+wait_for 60 "ServiceMonitor garbage-collected" gone servicemonitor -n "$AGENT_NS" disks-agent
 wait_for 60 "successor Ready=True" cond_is "$OTHER_NS" db Ready True/Ready
-wait_for 60 "owned DaemonSet garbage-collected" bash -c "! KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent"
+expect "successor status nodes 1/1" jp_is "$OTHER_NS" biomonitor db '{.status.nodes}' 1/1
+
+# ---------------------------------------------------------------- helm 3 --
+log "Helm 3: lint, template | server-side dry run, install and uninstall a second release"
+expect "helm3 lint --strict" "$HELM3" lint --strict "$ROOT/charts/bio-exporter"
+H3_ARGS=(-n "$H3_NS" --set operator.replicaCount=0 --set operator.serviceMonitor.enabled=true
+  --set biomonitor.create=true --set-json 'biomonitor.spec={"nodeSelector":{"bio-e2e-helm3":"nowhere"},"persistentVolumeLabels":false}')
+k create namespace "$H3_NS" --dry-run=client -o yaml | k apply -f - >/dev/null
+if out="$("$HELM3" template "$H3_RELEASE" "$ROOT/charts/bio-exporter" "${H3_ARGS[@]}" | k apply --dry-run=server -n "$H3_NS" -f - 2>&1)"; then
+  ok "helm3 template | kubectl apply --dry-run=server (incl. the operator's ServiceMonitor)"
+else
+  bad "helm3 template dry run: $out"
+fi
+if "$HELM3" install "$H3_RELEASE" "$ROOT/charts/bio-exporter" "${H3_ARGS[@]}" --wait --timeout 60s >>"$OUT/helm.log"; then
+  ok "helm3 install"
+else
+  bad "helm3 install"
+fi
+expect "helm3 release: operator ServiceMonitor created" k get servicemonitor -n "$H3_NS" "$H3_RELEASE-bio-exporter-operator"
+wait_for 30 "helm3 release's BioMonitor reconciled (no nodes selected)" cond_is "$H3_NS" default DaemonSetReady False/NoNodes
+if "$HELM3" uninstall "$H3_RELEASE" -n "$H3_NS" --wait --timeout 60s >>"$OUT/helm.log"; then ok "helm3 uninstall"; else bad "helm3 uninstall"; fi
+wait_for 30 "helm3 release's BioMonitor gone (finalizer handled)" gone biomonitor -n "$H3_NS" default
+expect "helm3 release's cluster-scoped RBAC gone" gone clusterrole "$H3_RELEASE-bio-exporter-operator" "$H3_RELEASE-bio-exporter-agent"
 
 # -------------------------------------------------------- leader election --
+log "two replicas: freeze the leader past its lease"
 PORT_B="$(free_port)"
 start_operator op-b "$PORT_B"
+PID_B=$LAST_PID
 sleep 3
 leader_metric "$PORT_B" && bad "standby B also leads" || ok "standby B waits"
-kill -TERM "$PID_A"
-wait_for 20 "B leads after A released the lease" leader_metric "$PORT_B"
-grep -q 'released leadership' "$OUT/op-a.log" && ok "A released the lease" || bad "A did not release"
+expect "Lease held by A" holder_is op-a
+kill -STOP "$PID_A"
+wait_for 40 "B takes over the lease of frozen A" holder_is op-b
+wait_for 20 "B leads (controller running)" leader_metric "$PORT_B"
 
+# Freeze B too, change the spec (an invalid one: A would have to write a
+# status and emit an event for it), resume A alone: whatever changes now is A
+# writing. B was frozen right after a renewal, so its fence is still valid
+# when it resumes, and A cannot take over within a few seconds.
+kill -STOP "$PID_B"
+k patch biomonitor -n "$OTHER_NS" db --type merge -p '{"spec":{"devices":{"exclude":["(unclosed"]}}}' >/dev/null
+snapshot() {
+  {
+    k get biomonitor,ds,svc,sa -n "$OTHER_NS" -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion}{"\n"}{end}'
+    k get clusterrolebinding "bio-exporter-agent:$OTHER_NS:db" -o jsonpath='{.metadata.resourceVersion}{"\n"}'
+    k get lease -n "$SYS_NS" "$FULL-leader" -o jsonpath='lease={.metadata.resourceVersion}/{.spec.holderIdentity}{"\n"}'
+    echo "events-from-a=$(events "$OTHER_NS" InvalidSpec op-a)"
+  } 2>&1
+}
+snapshot >"$OUT/before-resume.txt"
+kill -CONT "$PID_A"
+for _ in $(seq 1 15); do
+  grep -q 'lost leadership' "$OUT/op-a.log" && break
+  sleep 0.2
+done
+sleep 1
+snapshot >"$OUT/after-resume.txt"
+kill -CONT "$PID_B"
+grep -q 'lost leadership' "$OUT/op-a.log" && ok "resumed A logs that it lost leadership and stood down" || bad "A did not log standing down"
+grep -q 'lease held by another replica' "$OUT/op-a.log" && ok "resumed A waits as a standby" || bad "A does not wait as a standby"
+if diff -u "$OUT/before-resume.txt" "$OUT/after-resume.txt" >&2; then
+  ok "resumed A wrote nothing (resourceVersions, Lease, events unchanged)"
+else
+  bad "objects changed while only the resumed A was running"
+fi
+expect "A's leader metric is 0" bash -c "! curl -fsS --noproxy '*' --max-time 2 http://127.0.0.1:$PORT_A/metrics | grep -q '^bio_operator_leader 1'"
+wait_for 30 "B (resumed) reconciles the change: InvalidSpec" cond_is "$OTHER_NS" db Ready False/InvalidSpec
+expect "Lease still held by B" holder_is op-b
+expect "the InvalidSpec event came from B, none from A" bash -c "[[ \"\$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get events -n $OTHER_NS --field-selector reason=InvalidSpec -o jsonpath='{range .items[*]}{.reportingInstance}{\"\n\"}{end}' | sort -u)\" == op-b ]]"
+expect "no fenced write errors other than leadership" bash -c "! grep -q 'refusing to write' $OUT/op-b.log"
+k patch biomonitor -n "$OTHER_NS" db --type json -p '[{"op":"remove","path":"/spec/devices/exclude"}]' >/dev/null
+wait_for 30 "B reconciles the fix: Ready=True" cond_is "$OTHER_NS" db Ready True/Ready
+
+log "SIGTERM B: it releases the lease and A takes over at once"
+T_TERM=$SECONDS
+kill -TERM "$PID_B"
+wait_for 10 "A leads again after B released the lease" leader_metric "$PORT_A"
+((SECONDS - T_TERM < 12)) && ok "hand-over faster than the lease duration" || bad "hand-over took $((SECONDS - T_TERM))s"
+expect "Lease held by A" holder_is op-a
+grep -q 'released leadership' "$OUT/op-b.log" && ok "B released the lease" || bad "B did not release"
+
+# ------------------------------------------------ finalizer: cluster scope --
+expect "db has its ClusterRoleBinding" k get clusterrolebinding "bio-exporter-agent:$OTHER_NS:db"
+k delete biomonitor -n "$OTHER_NS" db --timeout=60s >/dev/null && ok "db deleted by the new leader's finalizer" || bad "delete of db hung"
+expect "finalizer deleted the cluster-scoped ClusterRoleBinding" gone clusterrolebinding "bio-exporter-agent:$OTHER_NS:db"
+wait_for 60 "db's DaemonSet garbage-collected" gone ds -n "$OTHER_NS" db-agent
+
+log "e2e took $((SECONDS - T_START))s (cluster start included)"
+cleanup
+SUMMARY_PRINTED=1
 echo "$PASS passed, $FAIL failed"
 ((FAIL == 0))

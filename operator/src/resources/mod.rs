@@ -45,9 +45,14 @@ pub fn desired(bm: &BioMonitor, settings: &Settings) -> Result<Children> {
 
 /// Controller owner reference, so garbage collection removes namespaced
 /// children with their BioMonitor and `owns()` watches map back to it.
+/// `blockOwnerDeletion` (as controller-runtime sets it) makes a foreground
+/// deletion of the BioMonitor wait until its children are gone.
 pub fn owner_reference(bm: &BioMonitor) -> Result<OwnerReference> {
-    bm.controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))
+    let mut owner = bm
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 /// Metadata of a namespaced child named `name`.
@@ -109,6 +114,7 @@ mod tests {
             assert_eq!(owners[0].api_version, "bioexporter.io/v1alpha1");
             assert_eq!(owners[0].uid, "uid-disks");
             assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(owners[0].block_owner_deletion, Some(true));
         }
     }
 
