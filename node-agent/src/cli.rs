@@ -53,6 +53,12 @@ pub struct ServeArgs {
     #[arg(long, env = "BIO_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
+    /// Who may read /metrics: `kubernetes` requires a bearer token that the API server
+    /// authenticates (TokenReview) and authorizes for `get` on the non-resource URL /metrics
+    /// (SubjectAccessReview), like kube-rbac-proxy. /healthz and /readyz stay open.
+    #[arg(long, value_enum, env = "BIO_AUTH", default_value = "none")]
+    pub auth: crate::auth::AuthMode,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "BIO_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

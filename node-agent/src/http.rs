@@ -64,9 +64,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     })
 }
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, auth: Option<Arc<crate::auth::KubeAuth>>) -> Router {
+    // Only the data is protected: probes (/healthz, /readyz) stay open, as kube-rbac-proxy does.
+    let mut scrape = Router::new().route("/metrics", get(metrics));
+    if let Some(auth) = auth {
+        scrape = crate::auth::protect(scrape, auth);
+    }
     Router::new()
-        .route("/metrics", get(metrics))
+        .merge(scrape)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(

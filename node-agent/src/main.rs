@@ -1,4 +1,5 @@
 //! node-agent: block-IO latency and size histograms from eBPF, served to Prometheus.
+mod auth;
 mod bpf;
 mod cli;
 mod devices;
@@ -73,6 +74,8 @@ pub enum AgentError {
     Bpf(#[from] bpf::BpfError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthSetupError),
     #[error("{0}")]
     Other(String),
 }
@@ -105,12 +108,17 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let node = node_name(args.node_name);
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
-    let app = http::router(state.clone());
+    let auth_on = args.auth == auth::AuthMode::Kubernetes;
+    let auth = auth::setup(args.auth).await?;
+    let app = http::router(state.clone(), auth);
     let tls_files = match (args.tls_cert_file, args.tls_key_file) {
         (Some(cert), Some(key)) => Some(tls::TlsFiles { cert, key }),
         _ => None,
     };
     let scheme = if tls_files.is_some() { "https" } else { "http" };
+    if auth_on && tls_files.is_none() {
+        tracing::warn!("--auth=kubernetes without TLS: bearer tokens travel in clear");
+    }
     let server = match tls_files {
         None => tokio::spawn(async move {
             axum::serve(listener, app)
