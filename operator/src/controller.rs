@@ -35,7 +35,7 @@ use crate::{
     conditions::{self, compute_status, DaemonSetState, Observation, ServiceMonitorState},
     conflict::{self, Verdict},
     crd::{BioMonitor, BioMonitorStatus},
-    error::is_not_found,
+    error::{is_not_found, is_stale_write},
     leader::Fence,
     metrics::Metrics,
     names,
@@ -177,6 +177,14 @@ pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action>
         // the finalizer) is already gone.
         Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) if is_not_found(&e) => {
             Ok(Action::await_change())
+        }
+        // A reconcile of a cached copy older than the object (a bulk
+        // re-reconcile right after this monitor's first one): the finalizer
+        // is already there and the guarded patch fails. The watch event for
+        // the newer copy triggers the next reconcile; retry soon regardless.
+        Err(kube::runtime::finalizer::Error::AddFinalizer(e)) if is_stale_write(&e) => {
+            tracing::debug!(biomonitor = %obj_ref, "stale cached copy; finalizer already changed");
+            Ok(Action::requeue(Duration::from_secs(1)))
         }
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
     };

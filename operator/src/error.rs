@@ -57,3 +57,33 @@ impl Error {
 pub fn is_not_found(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 404)
 }
+
+/// True when a guarded patch (a JSON patch `test`, a resourceVersion
+/// precondition) failed because the object changed since it was read: 409
+/// Conflict, or 422 Invalid for a failed `test` operation.
+pub fn is_stale_write(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 409 || status.code == 422)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("test", "Test")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn classifies_api_errors() {
+        assert!(is_not_found(&api_error(404)));
+        assert!(!is_not_found(&api_error(409)));
+        assert!(is_stale_write(&api_error(409)));
+        assert!(is_stale_write(&api_error(422)));
+        assert!(!is_stale_write(&api_error(403)));
+        assert!(!is_stale_write(&api_error(404)));
+    }
+}
