@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster lint bench crds clean
+.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster test-prometheus lint bench crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -40,7 +40,12 @@ test-cluster: build
 	tests/cluster/smoke.sh
 	BIO_OPERATOR_BIN=$(CARGO_TARGET_DIR)/debug/bio-operator operator/tests/e2e.sh
 
-test: lint test-unit test-node test-cluster
+# Real Prometheus servers (Debian's 2.42 and a 3.x built from its Go module, cached) scraping a
+# real agent: classic and native histograms, PromQL on the stored data.
+test-prometheus: build tracefs
+	BIO_AGENT_BIN=$(AGENT_DEBUG) tests/prometheus/run.sh
+
+test: lint test-unit test-node test-prometheus test-cluster
 
 bench: build-release tracefs
 	scripts/bench.sh
