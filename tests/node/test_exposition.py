@@ -75,3 +75,15 @@ def test_series_appear_only_after_io(agent_factory, loop):
 def test_health_endpoints(agent):
     assert agent.get("/healthz")[0] == 200
     assert agent.get("/readyz")[0] == 200
+
+
+def test_gzip_when_asked(agent):
+    import gzip
+    import urllib.request
+    req = urllib.request.Request(agent.url + "/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(r.read()).decode()
+    assert "# TYPE ebpf_bio_req_latency histogram" in text
+    # Without the header: plain text, as before.
+    assert "content-encoding" not in {k.lower() for k in agent.get("/metrics")[2]}

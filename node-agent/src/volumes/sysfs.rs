@@ -68,19 +68,19 @@ impl Sysfs {
             return;
         };
         stack.touched.insert(dev);
-        let whole_dir = if is_partition(dir) {
-            match dir.parent() {
-                Some(p) => p,
-                None => return,
-            }
+        let (whole_dir, whole) = if is_partition(dir) {
+            let Some(parent) = dir.parent() else {
+                return;
+            };
+            let Some(whole) = read_dev(parent) else {
+                tracing::debug!(dir = %parent.display(), "no readable dev file; skipping");
+                return;
+            };
+            stack.touched.insert(whole);
+            (parent, whole)
         } else {
-            dir
+            (dir, dev)
         };
-        let Some(whole) = read_dev(whole_dir) else {
-            tracing::debug!(dir = %whole_dir.display(), "no readable dev file; skipping");
-            return;
-        };
-        stack.touched.insert(whole);
         if !stack.measured.insert(whole) {
             return; // already walked below it (two partitions of one disk, or a cycle)
         }
@@ -103,9 +103,14 @@ impl Sysfs {
     }
 }
 
+/// `dev` holds "MAJ:MIN\n". One read into a small buffer: sysfs returns an attribute whole,
+/// and `read_to_string` would add a stat and a second read, per device, per scrape.
 fn read_dev(dir: &Path) -> Option<DevId> {
-    let text = std::fs::read_to_string(dir.join("dev")).ok()?;
-    DevId::parse(text.trim_end_matches('\n'))
+    use std::io::Read;
+    let mut buf = [0u8; 32];
+    let n = std::fs::File::open(dir.join("dev")).ok()?.read(&mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    DevId::parse(text.strip_suffix('\n').unwrap_or(text))
 }
 
 fn is_partition(dir: &Path) -> bool {
