@@ -4,13 +4,13 @@
 //! known layout), so no directory is listed for them and a directory that is not a mount is
 //! never mistaken for one. Block PVs are device files: the kubelet's bind-mounted map files
 //! (also in mountinfo) and the pods' symlinks (listed).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::dev_id::DevId;
 use super::index::Found;
-use super::kubelet::{self, Layout};
+use super::kubelet::{self, Layout, VolumePath};
 use super::mountinfo::{self, Mount};
 use super::sysfs::Sysfs;
 
@@ -25,8 +25,23 @@ pub struct Discovery {
     pub sysfs: Sysfs,
 }
 
+/// What a scan learns that stays true while a volume stays mounted, so later scans need not
+/// read it again: whether a pod's CSI volume is inline (the kubelet writes vol_data.json before
+/// the mount and never changes it).
+#[derive(Debug, Default)]
+pub struct Memo {
+    inline: HashMap<PathBuf, bool>,
+}
+
+#[cfg(test)]
+impl Memo {
+    pub fn is_empty(&self) -> bool {
+        self.inline.is_empty()
+    }
+}
+
 impl Discovery {
-    pub fn scan(&self) -> Vec<Found> {
+    pub fn scan(&self, memo: &mut Memo) -> Vec<Found> {
         // mountinfo holds resolved paths; the configured root may go through a symlink.
         let root =
             std::fs::canonicalize(&self.kubelet_root).unwrap_or_else(|_| self.kubelet_root.clone());
@@ -37,36 +52,21 @@ impl Discovery {
                 Vec::new()
             }
         };
-        let mut found = Vec::new();
         // A later mount on the same point hides the earlier one.
         let visible: BTreeMap<&Path, &Mount> = mounts
             .iter()
             .map(|m| (m.mount_point.as_path(), m))
             .collect();
-        for (point, mount) in visible {
-            let Some(volume) = point.strip_prefix(&root).ok().and_then(kubelet::classify) else {
-                continue;
-            };
-            let (dev, subdirectory) = if volume.layout.is_device_file() {
-                (self.device_file(point), false)
-            } else {
-                if volume.layout == Layout::CsiPodMount
-                    && point.parent().is_some_and(kubelet::is_inline_csi_volume)
-                {
-                    tracing::debug!(path = %point.display(), "inline CSI volume, not a PV; skipping");
-                    continue;
-                }
-                (self.mount_device(mount), mount.root != Path::new("/"))
-            };
-            if let Some(dev) = dev {
-                found.push(Found {
-                    key: volume.key,
-                    dev,
-                    subdirectory,
-                    path: point.to_path_buf(),
-                });
-            }
-        }
+        let mut still_mounted = Memo::default();
+        let mut found: Vec<Found> = visible
+            .into_iter()
+            .filter_map(|(point, mount)| {
+                let volume = point.strip_prefix(&root).ok().and_then(kubelet::classify)?;
+                self.mounted(point, mount, volume, memo, &mut still_mounted)
+            })
+            .collect();
+        // Only what is still mounted: the memo cannot grow with pod churn.
+        *memo = still_mounted;
         for rel in kubelet::pod_block_links(&root) {
             let Some(volume) = kubelet::classify(&rel) else {
                 tracing::debug!(path = %rel.display(), "not a PV name; skipping");
@@ -83,6 +83,45 @@ impl Discovery {
             }
         }
         found
+    }
+
+    /// The PV mounted (or, for a map file, bind-mounted) at `point`.
+    fn mounted(
+        &self,
+        point: &Path,
+        mount: &Mount,
+        volume: VolumePath,
+        memo: &Memo,
+        still_mounted: &mut Memo,
+    ) -> Option<Found> {
+        if volume.layout.is_device_file() {
+            return Some(Found {
+                key: volume.key,
+                dev: self.device_file(point)?,
+                subdirectory: false,
+                path: point.to_path_buf(),
+            });
+        }
+        if volume.layout == Layout::CsiPodMount {
+            let dir = point.parent()?;
+            let inline = match memo.inline.get(dir) {
+                Some(&known) => Some(known),
+                None => kubelet::is_inline_csi_volume(dir),
+            };
+            if let Some(inline) = inline {
+                still_mounted.inline.insert(dir.to_path_buf(), inline);
+            }
+            if inline == Some(true) {
+                tracing::debug!(path = %point.display(), "inline CSI volume, not a PV; skipping");
+                return None;
+            }
+        }
+        Some(Found {
+            key: volume.key,
+            dev: self.mount_device(mount)?,
+            subdirectory: mount.root != Path::new("/"),
+            path: point.to_path_buf(),
+        })
     }
 
     fn mount_device(&self, mount: &Mount) -> Option<DevId> {

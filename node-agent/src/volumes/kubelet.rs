@@ -128,15 +128,16 @@ pub fn escaped_driver(driver: &str) -> String {
 
 /// Pod block-volume links are not mounts, so they are found by listing, not through mountinfo:
 /// `pods/*/volumeDevices/{kubernetes.io~csi,kubernetes.io~local-volume}/*`, relative paths.
+/// Most pods have no `volumeDevices`: one failed open each.
 pub fn pod_block_links(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for pod in list(&root.join("pods")) {
-        for plugin in ["kubernetes.io~csi", "kubernetes.io~local-volume"] {
-            let rel = Path::new("pods")
-                .join(&pod)
-                .join("volumeDevices")
-                .join(plugin);
-            found.extend(list(&root.join(&rel)).into_iter().map(|pv| rel.join(pv)));
+        let devices = Path::new("pods").join(&pod).join("volumeDevices");
+        for plugin in list(&root.join(&devices)) {
+            if plugin == "kubernetes.io~csi" || plugin == "kubernetes.io~local-volume" {
+                let rel = devices.join(plugin);
+                found.extend(list(&root.join(&rel)).into_iter().map(|pv| rel.join(pv)));
+            }
         }
     }
     found
@@ -158,23 +159,16 @@ fn list(dir: &Path) -> Vec<std::ffi::OsString> {
 
 /// An inline (ephemeral) CSI volume lives where a PV would, but its directory is named after the
 /// pod's volume, not a PV; the kubelet records which it is in vol_data.json beside the mount.
-pub fn is_inline_csi_volume(pod_volume_dir: &Path) -> bool {
+/// `None` when that file cannot be read or parsed.
+pub fn is_inline_csi_volume(pod_volume_dir: &Path) -> Option<bool> {
     // vol_data.json is a few hundred bytes; a cap keeps a corrupt one from costing a scrape.
     const MAX: u64 = 64 * 1024;
     let mut data = Vec::new();
-    let read = std::fs::File::open(pod_volume_dir.join("vol_data.json"))
-        .and_then(|f| f.take(MAX).read_to_end(&mut data));
-    if read.is_err() {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(&data)
-        .ok()
-        .and_then(|v| {
-            v.get("volumeLifecycleMode")?
-                .as_str()
-                .map(|m| m == "Ephemeral")
-        })
-        .unwrap_or(false)
+    std::fs::File::open(pod_volume_dir.join("vol_data.json"))
+        .and_then(|f| f.take(MAX).read_to_end(&mut data))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    Some(v.get("volumeLifecycleMode").and_then(|m| m.as_str()) == Some("Ephemeral"))
 }
 
 #[cfg(test)]
@@ -282,14 +276,16 @@ mod tests {
     #[test]
     fn inline_volumes_are_recognised_by_vol_data() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(!is_inline_csi_volume(dir.path()), "no vol_data.json");
+        assert_eq!(is_inline_csi_volume(dir.path()), None, "no vol_data.json");
         let write = |s: &str| std::fs::write(dir.path().join("vol_data.json"), s).unwrap();
         write(r#"{"specVolID":"pvc-1","volumeLifecycleMode":"Persistent"}"#);
-        assert!(!is_inline_csi_volume(dir.path()));
+        assert_eq!(is_inline_csi_volume(dir.path()), Some(false));
+        write(r#"{"specVolID":"pvc-1"}"#);
+        assert_eq!(is_inline_csi_volume(dir.path()), Some(false), "before 1.16");
         write(r#"{"specVolID":"scratch","volumeLifecycleMode":"Ephemeral"}"#);
-        assert!(is_inline_csi_volume(dir.path()));
+        assert_eq!(is_inline_csi_volume(dir.path()), Some(true));
         write("{not json");
-        assert!(!is_inline_csi_volume(dir.path()));
+        assert_eq!(is_inline_csi_volume(dir.path()), None);
     }
 
     fn pv_name() -> impl Strategy<Value = String> {

@@ -14,13 +14,17 @@
 //! metric).
 //!
 //! **Discovery runs at scrape time, reused for [`VolumeConfig::ttl`] (default 5 s).** A scan
-//! reads mountinfo, lists `pods/*/volumeDevices/*` and reads a few sysfs files per device.
-//! Measured on a fake node with 500 pod volume directories (100 pods, 1,000 mountinfo lines):
-//! MEASURED_COST. That is cheap enough for every scrape, which keeps labels as fresh as the
-//! scrape; the short reuse only stops bursts (two Prometheus replicas, `node-agent histogram`
-//! polling every second) from each paying for a scan. A background loop would scan forever for
-//! nobody and be as stale as its period. A scrape never waits for another's scan: it takes the
-//! previous index instead.
+//! reads mountinfo, lists `pods/*/volumeDevices`, reads a few sysfs files per device, and reads
+//! each pod CSI volume's vol_data.json once per mount. On a fake node with 500 pod volume
+//! directories (100 pods, 1,000 mountinfo lines), a scan makes about 2,200 system calls with
+//! the PVs on 25 disks and 12,700 with them on 500 disks: 8–10 ms and 30–40 ms of CPU in a
+//! loaded 2-vCPU test VM whose system calls are slow (a stat of a sysfs file costs 17 µs
+//! there). The cost is almost all system calls, so it scales with pods and disks. That is
+//! cheap enough for a scrape, and it keeps labels as fresh as the scrape. The short reuse only
+//! stops bursts (two Prometheus replicas, `node-agent histogram` polling every second) from
+//! each paying for a scan. A background loop would scan even when no one scrapes, and its
+//! labels would be as stale as its period. A scrape never waits for another's scan; it takes
+//! the previous index.
 mod dev_id;
 mod discover;
 mod index;
@@ -41,7 +45,7 @@ pub use index::{
     DiskVolumes, PvInfo, VolumeIndex, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC, LABEL_STORAGE_CLASS,
 };
 
-use discover::Discovery;
+use discover::{Discovery, Memo};
 use pv_store::PvStore;
 use sysfs::Sysfs;
 
@@ -77,7 +81,8 @@ pub struct VolumeLabeler {
     pvs: PvStore,
     ttl: Duration,
     last: RwLock<Option<(Instant, Arc<VolumeIndex>)>>,
-    scanning: Mutex<()>,
+    /// Held by the one scan in progress, with what scans carry over.
+    scanning: Mutex<Memo>,
     watch: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -102,7 +107,7 @@ impl VolumeLabeler {
             pvs,
             ttl: cfg.ttl,
             last: RwLock::new(None),
-            scanning: Mutex::new(()),
+            scanning: Mutex::new(Memo::default()),
             watch: None,
         }
     }
@@ -113,7 +118,7 @@ impl VolumeLabeler {
         if let Some(fresh) = self.fresh() {
             return fresh;
         }
-        let _scan = match self.scanning.try_lock() {
+        let mut memo = match self.scanning.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => match self.previous() {
@@ -126,7 +131,7 @@ impl VolumeLabeler {
             return fresh; // scanned by the call we waited for
         }
         let started = Instant::now();
-        let found = self.discovery.scan();
+        let found = self.discovery.scan(&mut memo);
         let index = Arc::new(index::build(&found, &self.pvs, &self.discovery.sysfs));
         tracing::debug!(
             volumes = found.len(),

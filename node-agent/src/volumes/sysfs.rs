@@ -108,7 +108,10 @@ impl Sysfs {
 fn read_dev(dir: &Path) -> Option<DevId> {
     use std::io::Read;
     let mut buf = [0u8; 32];
-    let n = std::fs::File::open(dir.join("dev")).ok()?.read(&mut buf).ok()?;
+    let n = std::fs::File::open(dir.join("dev"))
+        .ok()?
+        .read(&mut buf)
+        .ok()?;
     let text = std::str::from_utf8(&buf[..n]).ok()?;
     DevId::parse(text.strip_suffix('\n').unwrap_or(text))
 }
@@ -155,7 +158,10 @@ fn partitions(dir: &Path) -> Vec<PathBuf> {
     entries
         .filter_map(|e| {
             let e = e.ok()?;
-            let named = e.file_name().as_encoded_bytes().starts_with(disk.as_encoded_bytes());
+            let named = e
+                .file_name()
+                .as_encoded_bytes()
+                .starts_with(disk.as_encoded_bytes());
             (named && is_partition(&e.path())).then(|| e.path())
         })
         .collect()
@@ -245,7 +251,9 @@ mod tests {
             let Some(dev) = read_dev(&e.path()) else {
                 continue;
             };
-            let dir = sys.dir_of(dev).expect("every block device has /sys/dev/block/M:m");
+            let dir = sys
+                .dir_of(dev)
+                .expect("every block device has /sys/dev/block/M:m");
             assert_eq!(Some(&dir), std::fs::canonicalize(e.path()).ok().as_ref());
             let stack = sys.stack(dev);
             assert!(stack.touched.contains(&dev), "{dev}: {stack:?}");

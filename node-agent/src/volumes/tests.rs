@@ -424,6 +424,37 @@ fn scans_are_reused_within_the_ttl_and_never_waited_for() {
     );
 }
 
+#[test]
+fn vol_data_is_read_once_per_mount_but_retried_until_readable() {
+    let mut node = Node::new();
+    node.sys.disk("sdb", d(8, 16));
+    let dir = "pods/p/volumes/kubernetes.io~csi/scratch";
+    node.mount(d(8, 16), "/", &format!("{dir}/mount"), "/dev/sdb");
+    let labeler = node.labeler(vec![]);
+    let vol_data = node.root.join(dir).join("vol_data.json");
+    assert!(
+        labeler.index().get(d(8, 16).kernel()).is_some(),
+        "unknown: taken as a PV"
+    );
+
+    std::fs::write(&vol_data, r#"{"volumeLifecycleMode":"Ephemeral"}"#).unwrap();
+    assert_eq!(labeler.index().get(d(8, 16).kernel()), None, "read now");
+
+    std::fs::write(&vol_data, r#"{"volumeLifecycleMode":"Persistent"}"#).unwrap();
+    assert_eq!(
+        labeler.index().get(d(8, 16).kernel()),
+        None,
+        "not read again while mounted"
+    );
+
+    // Unmounted: forgotten, so a new mount at the same path is read afresh.
+    std::fs::write(&node.mountinfo, "").unwrap();
+    assert_eq!(*labeler.index(), VolumeIndex::default());
+    assert!(labeler.scanning.lock().unwrap().is_empty());
+    node.write_mountinfo();
+    assert!(labeler.index().get(d(8, 16).kernel()).is_some());
+}
+
 /// The cost the module doc quotes: 100 pods × 5 PV directories, 1,000 mountinfo lines, each
 /// PV on a disk of its own (a worst case: most nodes attach far fewer disks) …
 #[test]
