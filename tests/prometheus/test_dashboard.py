@@ -1,0 +1,488 @@
+"""The chart's Grafana dashboard: its JSON, its ConfigMap, and every PromQL expression in it run
+against real Prometheus servers holding real data.
+
+One loop device, one agent measuring it, and two Prometheus servers scraping that agent for the
+whole module (module-scoped fixture; the IO is issued once):
+
+  - prometheus2: Debian's 2.42, text exposition, classic histograms only (le stored verbatim);
+  - prometheus3: 3.x (BIO_PROMETHEUS3), protobuf with scrape_native_histograms and
+    always_scrape_classic_histograms: native and classic stored, le normalised ("1.0"). It also
+    scrapes a stand-in exporter serving one `ebpf_bio_device_info` series for the loop device,
+    so the per-PVC table's join returns rows there; on prometheus2 the info metric does not
+    exist (as today in the agent) and the table's expressions must return empty, not fail.
+
+Every `expr` of every panel target (rows included, collapsed or not) has its Grafana variables
+replaced ($__rate_interval -> 1m, $__range -> 5m, $__interval -> 15s; $node/$device/$operation
+-> ".*" and, separately, values naming the test's node, device and read|write) and is run as an
+instant query and, for range targets, as a range query over the minute before: status success,
+no warnings or infos, and a non-empty result wherever the data it reads exists on that server
+(and an empty one where it does not: native-only expressions on 2.42, the per-PVC table without
+the info metric). Queries are evaluated at the time of a successful scrape taken after the IO
+(a failed scrape on a busy machine would leave staleness markers after it). Also: no expression
+names an `le` value or uses `le` outside `by (...)`; the variables' label_values queries find
+the test's node, device and operations; `helm template` renders the ConfigMap only when
+grafanaDashboard.enabled, with its labels, namespace and the JSON verbatim.
+"""
+import http.server
+import json
+import math
+import os
+import re
+import subprocess
+import threading
+
+import pytest
+
+from node_fixtures import node
+from promserver import PROMETHEUS2, PROMETHEUS3, PrometheusServer
+from test_scrape import (NODE, agent_counts, agent_le, agent_serves_protobuf, issue_io,
+                         scrape_config, wait_counts_stored, wait_target_up)
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CHART = os.path.join(REPO, "charts", "bio-exporter")
+DASHBOARD_PATH = os.path.join(CHART, "dashboards", "bio-exporter.json")
+CONFIGMAP_TEMPLATE = "templates/dashboard-configmap.yaml"
+DATA_KEY = "bio-exporter.json"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+GRAFANA_BUILTINS = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s"}
+TEMPLATE_VARS = ("node", "device", "operation")
+SERVERS = ["prometheus2", "prometheus3"]
+
+# Stand-in for the info metric the agent will export for devices backing a PersistentVolume.
+PVC_INFO = {"persistentvolume": "pv-dashboard-test", "persistentvolumeclaim": "data-0",
+            "namespace": "ns-dashboard-test", "storageclass": "sc-test"}
+
+
+# ------------------------------------------------------------------------------ the dashboard
+
+def load_dashboard():
+    with open(DASHBOARD_PATH) as f:
+        return json.load(f)
+
+
+def walk_panels(panels):
+    """Every panel, rows and the panels inside collapsed rows included."""
+    for p in panels:
+        yield p
+        yield from walk_panels(p.get("panels", []))
+
+
+def dashboard_targets(dashboard=None):
+    """[(id, panel, target)] for every target with an expr."""
+    out = []
+    for p in walk_panels((dashboard or load_dashboard())["panels"]):
+        for t in p.get("targets", []):
+            if "expr" in t:
+                tid = re.sub(r"[^A-Za-z0-9]+", "_", f"{p['id']}-{p['title']}").strip("_")
+                out.append((f"{tid}-{t['refId']}", p, t))
+    return out
+
+
+TARGETS = dashboard_targets()
+VAR_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+
+
+def substitute(expr, values):
+    """expr with Grafana's variables replaced; an unknown variable fails."""
+    def repl(m):
+        name = m.group(1) or m.group(2) or m.group(3)
+        if name in GRAFANA_BUILTINS:
+            return GRAFANA_BUILTINS[name]
+        assert name in values, f"unknown variable ${name} in {expr!r}"
+        return values[name]
+    return VAR_RE.sub(repl, expr)
+
+
+def forms(expr):
+    """(reads classic series, reads native histograms, reads ebpf_bio_device_info)."""
+    classic = re.search(r"\bebpf_bio_req_(latency|size)_(bucket|count|sum)\b", expr) is not None
+    native = re.search(r"\bebpf_bio_req_(latency|size)\s*\{", expr) is not None
+    return classic, native, "ebpf_bio_device_info" in expr
+
+
+LE_MATCHER_RE = re.compile(r"\ble\s*(=~|!~|!=|=)")
+BY_CLAUSE_RE = re.compile(r"\bby\s*\([^()]*\)")
+
+
+def le_problems(expr):
+    """Why expr may depend on how `le` is spelled: a matcher on le, or le anywhere but inside a
+    `by (...)` clause (label_replace, without, on, a string ...)."""
+    problems = []
+    if LE_MATCHER_RE.search(expr):
+        problems.append("matches le values")
+    if re.search(r"\ble\b", BY_CLAUSE_RE.sub("", expr)):
+        problems.append("uses le outside `by (...)`")
+    return problems
+
+
+# ------------------------------------------------------------------ static checks of the JSON
+
+def test_dashboard_structure():
+    d = load_dashboard()
+    assert d["schemaVersion"] >= 39, d["schemaVersion"]
+    assert d["uid"] and d["title"]
+    assert "id" not in d or d["id"] is None, "a provisioned dashboard carries no database id"
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus", ds
+    for name in TEMPLATE_VARS:
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"] == DS, v
+        assert v["definition"].startswith("label_values("), v
+        assert v["query"]["query"] == v["definition"], v
+        assert v["includeAll"] and v["allValue"] == ".*" and v["multi"], v
+
+    ids = [p["id"] for p in walk_panels(d["panels"])]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {ids}"
+    for p in walk_panels(d["panels"]):
+        assert {"h", "w", "x", "y"} <= set(p["gridPos"]), p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == DS, f"{p['title']}: datasource {p['datasource']}"
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == DS, f"{p['title']} {t['refId']}: {t['datasource']}"
+            assert t["expr"].strip(), p["title"]
+            left = VAR_RE.findall(substitute(t["expr"], dict.fromkeys(TEMPLATE_VARS, ".*")))
+            assert not left, f"{p['title']}: variables left after substitution: {left}"
+
+
+def test_dashboard_has_the_panels_of_the_issue():
+    exprs = {}  # panel type -> [normalised expr]
+    for _, p, t in TARGETS:
+        exprs.setdefault(p["type"], []).append(re.sub(r"\s+", " ", t["expr"]))
+    heat = exprs["heatmap"]
+    heat_targets = [t for _, p, t in TARGETS if p["type"] == "heatmap"]
+
+    def has(kind, pattern):
+        return any(re.search(pattern, e) for e in exprs.get(kind, []))
+
+    # Classic heatmaps: sum by (le) of bucket rates, format heatmap.
+    for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size"):
+        assert any(re.fullmatch(rf"sum by \(le\) \(rate\({metric}_bucket\{{.*\}}"
+                                rf"\[\$__rate_interval\]\)\)", e) for e in heat), metric
+        # Native heatmaps: sum of the rate of the histogram itself.
+        assert any(re.fullmatch(rf"sum\(rate\({metric}\{{.*\}}\[\$__rate_interval\]\)\)", e)
+                   for e in heat), metric
+    for t in heat_targets:
+        classic, native, _ = forms(t["expr"])
+        assert t["format"] == ("heatmap" if classic else "time_series"), t
+    assert has("timeseries", r"^sum by \(operation\) \( rate\(ebpf_bio_req_latency_count")
+    for q in ("0.5", "0.99"):
+        assert has("timeseries", rf"histogram_quantile\({q}, sum by \(le, node, device, "
+                                 rf"operation\) \(rate\(ebpf_bio_req_latency_bucket")
+        assert has("timeseries", rf"histogram_quantile\({q}, sum by \(node, device, "
+                                 rf"operation\) \(rate\(ebpf_bio_req_latency\{{")
+    assert has("timeseries", r"ebpf_bio_req_errors_total")
+    assert has("timeseries", r"ebpf_bio_lost_events_total")
+    pvc = [t for _, p, t in TARGETS if p["type"] == "table" and "ebpf_bio_device_info" in t["expr"]]
+    assert pvc and all("group_left" in t["expr"] and t["format"] == "table" for t in pvc), pvc
+
+
+@pytest.mark.parametrize("tid", [tid for tid, _, _ in TARGETS])
+def test_no_le_value_matching(tid):
+    """2.x text scrapes store le="1", protobuf scrapes and every 3.x scrape le="1.0": an
+    expression that names le values works on one of them only."""
+    expr = next(t["expr"] for i, _, t in TARGETS if i == tid)
+    assert not le_problems(expr), f"{tid}: {le_problems(expr)}: {expr}"
+
+
+def test_le_check_catches_what_it_should():
+    assert "matches le values" in le_problems('sum(rate(x_bucket{le="1"}[1m]))')
+    assert "matches le values" in le_problems('rate(x_bucket{le=~"1(\\\\.0)?"}[1m])')
+    assert "matches le values" in le_problems('x_bucket{le != "+Inf"}')
+    assert le_problems('label_replace(x, "b", "$1", "le", "(.*)")')
+    assert le_problems("sum without (le) (x_bucket)")
+    assert not le_problems("histogram_quantile(0.9, sum by (le, device) (rate(x_bucket[1m])))")
+
+
+# ------------------------------------------------------------------------------ the ConfigMap
+
+def helm_binary():
+    out = subprocess.run([os.path.join(REPO, "tests", "cluster", "build.sh"), "--print-bin-dir"],
+                         capture_output=True, text=True)
+    helm = os.path.join(out.stdout.strip(), "helm")
+    if out.returncode != 0 or not os.access(helm, os.X_OK):
+        pytest.skip(f"SKIPPED LOUDLY: no helm binary at {helm!r} (tests/cluster/build.sh builds "
+                    f"it): {out.stderr.strip()}")
+    return helm
+
+
+def helm_template(*args):
+    yaml = pytest.importorskip("yaml", reason="SKIPPED LOUDLY: PyYAML is needed to read "
+                                              "`helm template` output")
+    out = subprocess.run([helm_binary(), "template", "rel", CHART, "--namespace", "rel-ns",
+                          *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"helm template {args}: {out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def dashboard_configmaps(docs):
+    return [d for d in docs if d["kind"] == "ConfigMap" and DATA_KEY in d.get("data", {})]
+
+
+def test_chart_renders_dashboard_configmap():
+    docs = helm_template("--set", "grafanaDashboard.enabled=true")
+    cms = dashboard_configmaps(docs)
+    assert len(cms) == 1, cms
+    cm = cms[0]
+    assert cm["metadata"]["namespace"] == "rel-ns"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    rendered = cm["data"][DATA_KEY]
+    assert json.loads(rendered) == load_dashboard()
+    with open(DASHBOARD_PATH) as f:
+        assert rendered == f.read().rstrip("\n"), "the JSON must be carried verbatim"
+    # kubectl apply (client side) copies the object into an annotation limited to 256 KiB.
+    assert len(rendered.encode()) < 200 * 1024, len(rendered)
+
+
+def test_chart_dashboard_labels_and_namespace_configurable():
+    docs = helm_template("--set", "grafanaDashboard.enabled=true",
+                         "--set", "grafanaDashboard.namespace=monitoring",
+                         "--set", "grafanaDashboard.labels.grafana_dashboard=null",
+                         "--set-string", "grafanaDashboard.labels.my-grafana=dashboards")
+    (cm,) = dashboard_configmaps(docs)
+    assert cm["metadata"]["namespace"] == "monitoring"
+    labels = cm["metadata"]["labels"]
+    assert labels["my-grafana"] == "dashboards" and "grafana_dashboard" not in labels, labels
+
+
+def test_chart_renders_no_dashboard_by_default():
+    docs = helm_template()
+    assert docs, "the chart rendered nothing at all"
+    assert dashboard_configmaps(docs) == []
+    assert not [d for d in docs if d["kind"] == "ConfigMap"], [d["metadata"] for d in docs]
+
+
+# -------------------------------------------------------- real agent, real Prometheus servers
+
+class InfoExporter:
+    """A /metrics endpoint on 127.0.0.1 serving fixed text: the stand-in ebpf_bio_device_info."""
+
+    def __init__(self, text):
+        body = text.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Stack:
+    def __init__(self):
+        self.servers = {}      # name -> PrometheusServer
+        self.stores = {}       # name -> {"classic": bool, "native": bool, "info": bool}
+        self.t_eval = {}       # name -> evaluation time of every query
+        self.dev = None
+        self.bucket_count = {}  # metric -> number of le values the agent exposes
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """One loop device, one agent on it, the servers scraping it; IO issued once."""
+    s = Stack()
+    cleanup = []
+    try:
+        loop = node.LoopDevice(64 << 20)
+        cleanup.append(loop.detach)
+        s.dev = loop.name
+        agent = node.Agent(["--device-include", loop.name])
+        cleanup.append(agent.stop)
+
+        if not os.access(PROMETHEUS2, os.X_OK):
+            pytest.fail(f"{PROMETHEUS2} is missing: run `make deps` (Debian's prometheus package)")
+        p2 = PrometheusServer(PROMETHEUS2, [scrape_config(agent)], name="dash-prometheus2")
+        cleanup.append(p2.stop)
+        s.servers["prometheus2"] = p2
+        s.stores["prometheus2"] = {"classic": True, "native": False, "info": False}
+
+        if PROMETHEUS3:
+            assert agent_serves_protobuf(agent).startswith("application/vnd.google.protobuf"), (
+                "the agent must serve the protobuf exposition (native histograms)")
+            labels = ",".join(f'{k}="{v}"' for k, v in
+                              {"node": NODE, "device": loop.name, **PVC_INFO}.items())
+            info = InfoExporter("# TYPE ebpf_bio_device_info gauge\n"
+                                f"ebpf_bio_device_info{{{labels}}} 1\n")
+            cleanup.append(info.stop)
+            p3 = PrometheusServer(PROMETHEUS3, [
+                scrape_config(agent, scrape_native_histograms=True,
+                              always_scrape_classic_histograms=True),
+                {"job_name": "device-info-standin", "scrape_interval": "1s",
+                 "scrape_timeout": "1s",
+                 "static_configs": [{"targets": [f"127.0.0.1:{info.port}"]}]},
+            ], name="dash-prometheus3")
+            cleanup.append(p3.stop)
+            s.servers["prometheus3"] = p3
+            s.stores["prometheus3"] = {"classic": True, "native": True, "info": True}
+
+        for p in s.servers.values():
+            wait_target_up(p)
+        if "prometheus3" in s.servers:
+            wait_target_up(s.servers["prometheus3"], job="device-info-standin")
+
+        issue_io(loop)
+        for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size"):
+            s.bucket_count[metric] = len(agent_le(agent, metric))
+        counts = agent_counts(agent, loop.name)
+        assert counts.get("read", 0) > 0 and counts.get("write", 0) > 0, counts
+        for name, p in s.servers.items():
+            wait_counts_stored(p, loop.name, counts)
+            if s.stores[name]["native"]:
+                wait_counts_stored(p, loop.name, counts, native=True)
+        for name, p in s.servers.items():
+            jobs = ["bio"] + (["device-info-standin"] if s.stores[name]["info"] else [])
+            s.t_eval[name] = evaluation_time(p, jobs)
+        yield s
+    finally:
+        for fn in reversed(cleanup):
+            fn()
+
+
+def evaluation_time(prom, jobs):
+    """When every query on prom is evaluated: the time of its latest scrape of the agent, once
+    that scrape and the latest one of every other job succeeded. A failed scrape (a timeout on a
+    busy machine) writes staleness markers, and instant selectors evaluated after it return
+    nothing; the IO just done is inside every [1m] window ending then."""
+    def attempt():
+        t = prom.scalar('timestamp(up{job="bio"})')
+        if t is None:
+            return None
+        for job in jobs:
+            doc = api(prom, "query", query=f'up{{job="{job}"}} == 1', time=f"{t:.3f}")
+            if not doc["data"]["result"]:
+                return None
+        return t
+    return prom.wait_for(attempt, 15, f"a successful scrape of every job {jobs}")
+
+
+def server_of(stack, name):
+    if name not in stack.servers:
+        pytest.skip("SKIPPED LOUDLY: BIO_PROMETHEUS3 is not set; run tests/prometheus/run.sh, "
+                    "which builds Prometheus 3.x and sets it")
+    return stack.servers[name]
+
+
+def variable_sets(stack):
+    return {
+        "all": dict.fromkeys(TEMPLATE_VARS, ".*"),
+        # As Grafana formats a multi-value selection for a regex matcher.
+        "selected": {"node": NODE, "device": stack.dev, "operation": "(read|write)"},
+    }
+
+
+def api(prom, path, **params):
+    """The whole response document (data, warnings, infos); fails on an error status."""
+    status, body = prom._get("/api/v1/" + path, params)
+    doc = json.loads(body)
+    assert status == 200 and doc.get("status") == "success", f"{path} {params}: {status} {body}"
+    return doc
+
+
+def check_response(doc, what):
+    assert not doc.get("warnings"), f"{what}: warnings {doc['warnings']}"
+    assert not doc.get("infos"), f"{what}: infos {doc['infos']}"
+
+
+def sample_values(result):
+    """Float values of an instant-query result (native histograms give none)."""
+    return [float(r["value"][1]) for r in result if "value" in r]
+
+
+@pytest.mark.parametrize("tid", [tid for tid, _, _ in TARGETS])
+@pytest.mark.parametrize("server", SERVERS)
+def test_expression_runs(stack, server, tid):
+    prom = server_of(stack, server)
+    t_eval = stack.t_eval[server]
+    _, panel, target = next(x for x in TARGETS if x[0] == tid)
+    classic, native, info = forms(target["expr"])
+    store = stack.stores[server]
+    expect_data = ((not info or store["info"])
+                   and ((classic and store["classic"]) or (native and store["native"])
+                        or not (classic or native)))
+
+    for vname, values in variable_sets(stack).items():
+        expr = substitute(target["expr"], values)
+        what = f"{server} {panel['title']!r} {target['refId']} ({vname}): {expr}"
+
+        doc = api(prom, "query", query=expr, time=f"{t_eval:.3f}")
+        check_response(doc, what)
+        assert doc["data"]["resultType"] == "vector", what
+        result = doc["data"]["result"]
+        range_result = None
+        if not target.get("instant"):
+            # As the panel runs it: a range query (here the minute up to the evaluation time).
+            rdoc = api(prom, "query_range", query=expr, start=f"{t_eval - 60:.3f}",
+                       end=f"{t_eval:.3f}", step="15")
+            check_response(rdoc, what + " [range]")
+            assert rdoc["data"]["resultType"] == "matrix", what
+            range_result = rdoc["data"]["result"]
+
+        if not expect_data:
+            assert result == [] and not range_result, (
+                f"{what}: expected no data on this server, got {result} {range_result}")
+            continue
+        assert result, f"{what}: empty result"
+        assert range_result is None or range_result, f"{what}: empty range result"
+
+        if vname == "selected":
+            for r in result:
+                m = r["metric"]
+                assert m.get("device", stack.dev) == stack.dev, (what, m)
+                assert m.get("node", NODE) == NODE, (what, m)
+                assert m.get("operation", "read") in ("read", "write"), (what, m)
+        if "histogram_quantile" in expr:
+            vals = sample_values(result)
+            assert vals and all(math.isfinite(v) and v > 0 for v in vals), f"{what}: {vals}"
+        if panel["type"] == "heatmap":
+            metric = re.search(r"\b(ebpf_bio_req_(?:latency|size))", expr).group(1)
+            if target["format"] == "heatmap":
+                # Only le is left after `by (le)`, and every bucket the agent exposes is there
+                # whatever the server's spelling of le.
+                assert all(set(r["metric"]) == {"le"} for r in result), what
+                les = {float(r["metric"]["le"]) for r in result}
+                assert len(result) == len(les) == stack.bucket_count[metric], (what, les)
+                assert math.inf in les, (what, les)
+            else:
+                assert len(result) == 1 and "histogram" in result[0], (what, result)
+        if info:
+            # One row for the loop device, carrying the PVC labels of the stand-in info series.
+            assert len(result) == 1, (what, result)
+            want = {"node": NODE, "device": stack.dev, **PVC_INFO}
+            assert result[0]["metric"] == want, (what, result[0]["metric"])
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_variable_queries(stack, server):
+    """The node/device/operation variables' label_values queries find the test's series."""
+    prom = server_of(stack, server)
+    t_eval = stack.t_eval[server]
+    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    want = {"node": {NODE}, "device": {stack.dev}, "operation": {"read", "write"}}
+    values = dict.fromkeys(TEMPLATE_VARS, ".*")
+    for name in TEMPLATE_VARS:
+        m = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", variables[name]["definition"])
+        assert m, variables[name]["definition"]
+        selector, label = m.group(1), m.group(2)
+        assert label == name
+        params = {"start": f"{t_eval - 3600:.3f}", "end": f"{t_eval:.3f}"}
+        if selector:
+            params["match[]"] = substitute(selector, values)
+        got = set(api(prom, f"label/{label}/values", **params)["data"])
+        assert want[name] <= got, f"{server} ${name}: {sorted(got)}, expected {want[name]}"
+
