@@ -24,6 +24,8 @@ fi
 if systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl stop prometheus || true
 fi
+# The test suite's Python side: pytest runs it, PyYAML reads `helm template` output.
+python3 -c 'import pytest, yaml' 2>/dev/null || python3 -m pip install -q pytest pyyaml
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust) is required" >&2; exit 1; }
 command -v go >/dev/null || echo "install-deps: warning: go is missing; the Kubernetes test cluster cannot be built" >&2
 exit 0
