@@ -41,9 +41,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
-pub use index::{
-    DiskVolumes, PvInfo, VolumeIndex, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC, LABEL_STORAGE_CLASS,
-};
+pub use index::{DiskVolumes, PvInfo, VolumeIndex};
 
 use discover::{Discovery, Memo};
 use pv_store::PvStore;
