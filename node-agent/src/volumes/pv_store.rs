@@ -76,7 +76,7 @@ impl PvStore {
     }
 }
 
-/// Feeds the store and reports the watch's health. Errors never end it: the backoff in `events`
+/// Feeds the store and logs the watch's health. Errors never end it: the backoff in `events`
 /// decides when to retry.
 async fn drive<S>(
     events: S,
@@ -85,32 +85,79 @@ async fn drive<S>(
 ) where
     S: Stream<Item = watcher::Result<watcher::Event<PersistentVolume>>>,
 {
-    let mut failing = false;
+    let mut health = Health::default();
     let mut events = std::pin::pin!(events.modify(trim).reflect(writer));
     while let Some(event) = events.next().await {
-        match event {
-            Ok(event) => {
-                if failing {
-                    tracing::info!("PersistentVolume watch is back");
-                    failing = false;
-                }
-                if matches!(event, watcher::Event::InitDone)
-                    && !synced.swap(true, Ordering::Relaxed)
-                {
-                    tracing::info!("PersistentVolumes listed; volume labels carry claims");
-                }
+        if matches!(event, Ok(watcher::Event::InitDone)) && !synced.swap(true, Ordering::Relaxed) {
+            tracing::info!("PersistentVolumes listed; volume labels carry claims");
+        }
+        match health.observe(&event) {
+            Report::Back => tracing::info!("PersistentVolume watch is back"),
+            Report::Denied(e) => tracing::warn!(
+                error = %e,
+                "PersistentVolume watch refused: the agent's ServiceAccount needs get, list and \
+                 watch on persistentvolumes; retrying with backoff, last known PVs stay in use"
+            ),
+            Report::Failed(e) => tracing::warn!(
+                error = %e,
+                "PersistentVolume watch failed; retrying with backoff, last known PVs stay in use"
+            ),
+            Report::StillFailing(e) => {
+                tracing::debug!(error = %e, "PersistentVolume watch still failing")
             }
-            Err(e) if !failing => {
-                failing = true;
-                tracing::warn!(
-                    error = %e,
-                    "PersistentVolume watch failed (needs list/watch on persistentvolumes); \
-                     retrying with backoff, last known PVs stay in use"
-                );
-            }
-            Err(e) => tracing::debug!(error = %e, "PersistentVolume watch still failing"),
+            Report::Nothing => {}
         }
     }
+}
+
+/// One log line per change of the watch's health, not one per retry.
+#[derive(Debug, Default)]
+struct Health {
+    failing: bool,
+}
+
+#[derive(Debug)]
+enum Report<'a> {
+    Nothing,
+    Back,
+    Failed(&'a watcher::Error),
+    Denied(&'a watcher::Error),
+    StillFailing(&'a watcher::Error),
+}
+
+impl Health {
+    fn observe<'a, K>(&mut self, event: &'a watcher::Result<watcher::Event<K>>) -> Report<'a> {
+        match event {
+            // A retry starts with Init before it lists: not yet a sign the server is back.
+            Ok(watcher::Event::Init) => Report::Nothing,
+            Ok(_) if self.failing => {
+                self.failing = false;
+                Report::Back
+            }
+            Ok(_) => Report::Nothing,
+            Err(e) if self.failing => Report::StillFailing(e),
+            Err(e) => {
+                self.failing = true;
+                if denied(e) {
+                    Report::Denied(e)
+                } else {
+                    Report::Failed(e)
+                }
+            }
+        }
+    }
+}
+
+/// Only a 401/403 is the agent's to fix (RBAC); anything else is the API server being away.
+fn denied(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s,
+        _ => return false,
+    };
+    matches!(status.code, 401 | 403)
 }
 
 /// Every node's agent caches every PV of the cluster: keep only the fields it reads.
@@ -291,6 +338,47 @@ pub mod tests {
             sha256_hex("test"),
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         );
+    }
+
+    #[test]
+    fn only_refusals_point_at_rbac() {
+        use kube::core::Status;
+        let api =
+            |code| kube::Error::Api(Status::failure("no", "Forbidden").with_code(code).boxed());
+        assert!(denied(&watcher::Error::InitialListFailed(api(403))));
+        assert!(denied(&watcher::Error::WatchStartFailed(api(401))));
+        assert!(denied(&watcher::Error::WatchError(
+            Status::failure("no", "Forbidden").with_code(403).boxed()
+        )));
+        assert!(!denied(&watcher::Error::WatchFailed(api(500))));
+        assert!(!denied(&watcher::Error::NoResourceVersion));
+    }
+
+    #[test]
+    fn health_is_reported_once_per_change_not_per_retry() {
+        type Ev = watcher::Result<watcher::Event<PersistentVolume>>;
+        let err = || -> Ev { Err(watcher::Error::NoResourceVersion) };
+        let mut h = Health::default();
+        let mut seen = Vec::new();
+        for event in [
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitDone),
+            err(),
+            Ok(watcher::Event::Init), // the retry, failing again
+            err(),
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(csi_pv("a", ("n", "c"), "s", "h"))),
+            Ok(watcher::Event::InitDone),
+        ] {
+            seen.push(match h.observe(&event) {
+                Report::Nothing => "-",
+                Report::Back => "back",
+                Report::Failed(_) => "failed",
+                Report::Denied(_) => "denied",
+                Report::StillFailing(_) => "still",
+            });
+        }
+        assert_eq!(seen, ["-", "-", "failed", "-", "still", "-", "back", "-"]);
     }
 
     #[tokio::test]
