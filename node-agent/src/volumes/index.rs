@@ -119,31 +119,19 @@ pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
             .or_insert_with(|| sysfs.stack(dev))
             .clone()
     };
-    let mut handles = None;
+    let mut names = Names::new(pvs);
     let mut members: BTreeMap<DevId, BTreeMap<String, PvInfo>> = BTreeMap::new();
     let mut touched = HashSet::new();
     let mut foreign_roots = Vec::new();
-
     for f in found {
-        let info = match &f.key {
-            PvKey::Name(name) => pvs.by_name(name).unwrap_or_else(|| PvInfo::named(name)),
-            PvKey::Handle { driver, sha256 } => {
-                let handles = handles.get_or_insert_with(|| pvs.handle_index());
-                match handles.get(&(driver.clone(), sha256.clone())) {
-                    Some(name) => pvs.by_name(name).unwrap_or_else(|| PvInfo::named(name)),
-                    None => {
-                        tracing::debug!(path = %f.path.display(), "no known PV has this volume handle hash; skipping");
-                        continue;
-                    }
-                }
-            }
+        let Some(info) = names.resolve(f) else {
+            continue;
         };
         let stack = stack_of(f.dev);
-        tracing::debug!(pv = %info.pv, device = %f.dev, path = %f.path.display(), measured = ?stack.measured, "PV found");
+        tracing::debug!(pv = %info.pv, device = %f.dev, path = %f.path.display(), "PV found");
         for d in &stack.measured {
-            members
-                .entry(*d)
-                .or_default()
+            let on_device = members.entry(*d).or_default();
+            on_device
                 .entry(info.pv.clone())
                 .or_insert_with(|| info.clone());
         }
@@ -152,13 +140,10 @@ pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
             foreign_roots.push(f.dev);
         }
     }
-
-    let mut candidates: Vec<DevId> = touched.iter().copied().collect();
-    candidates.sort();
     foreign_roots.extend(
-        candidates
-            .into_iter()
-            .filter(|d| sysfs.has_unknown_users(*d, &touched)),
+        touched
+            .iter()
+            .filter(|d| sysfs.has_unknown_users(**d, &touched)),
     );
     // Whatever is under a device with foreign IO carries that IO too.
     let foreign: HashSet<DevId> = foreign_roots
@@ -179,6 +164,39 @@ pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
         })
         .collect();
     VolumeIndex { devices }
+}
+
+/// Names found volumes: by the PV name in their path, or by their staging directory's handle
+/// hash, whose index is built at most once per scan and only if a staging directory asks.
+struct Names<'a> {
+    pvs: &'a PvStore,
+    handles: Option<HashMap<(String, String), String>>,
+}
+
+impl<'a> Names<'a> {
+    fn new(pvs: &'a PvStore) -> Self {
+        Self { pvs, handles: None }
+    }
+
+    /// A PV the store does not know yet keeps the name the kubelet gave it.
+    fn resolve(&mut self, f: &Found) -> Option<PvInfo> {
+        let name = match &f.key {
+            PvKey::Name(name) => name,
+            PvKey::Handle { driver, sha256 } => {
+                let handles = self.handles.get_or_insert_with(|| self.pvs.handle_index());
+                let name = handles.get(&(driver.clone(), sha256.clone()));
+                if name.is_none() {
+                    tracing::debug!(path = %f.path.display(), "no known PV has this volume handle; skipping");
+                }
+                name?
+            }
+        };
+        Some(
+            self.pvs
+                .by_name(name)
+                .unwrap_or_else(|| PvInfo::named(name)),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,9 @@ pub struct VolumeConfig {
     pub kubelet_root: PathBuf,
     /// The same directory's path on the host: the kubelet's symlinks point into it.
     pub host_kubelet_root: PathBuf,
+    /// The agent's own mount table: its mount points are the paths under `kubelet_root`.
     pub mountinfo: PathBuf,
+    /// Block devices are not namespaced, so the container's /sys shows the host's.
     pub sysfs: PathBuf,
     /// How long one discovery serves scrapes; zero scans on every call.
     pub ttl: Duration,
