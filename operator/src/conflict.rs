@@ -6,7 +6,7 @@
 //! at all. Blocked monitors cover no nodes, so they never block later ones.
 //! Monitors being deleted do not count, so a successor starts right away.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use kube::ResourceExt;
@@ -66,10 +66,14 @@ pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
 
 /// Would the DaemonSet built from `spec` place a pod on `node`?
 pub fn runs_on(spec: &BioMonitorSpec, node: &Node) -> bool {
+    runs_on_with(&effective_node_selector(spec), spec, node)
+}
+
+/// `runs_on` with the effective node selector computed once by the caller
+/// (it is the same for every node).
+fn runs_on_with(selector: &BTreeMap<String, String>, spec: &BioMonitorSpec, node: &Node) -> bool {
     let labels = node.labels();
-    let selected = effective_node_selector(spec)
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let selected = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
     if !selected {
         return false;
     }
@@ -91,14 +95,16 @@ pub fn runs_on(spec: &BioMonitorSpec, node: &Node) -> bool {
 }
 
 pub fn selected_nodes(spec: &BioMonitorSpec, nodes: &[&Node]) -> BTreeSet<String> {
+    let selector = effective_node_selector(spec);
     nodes
         .iter()
-        .filter(|n| runs_on(spec, n))
+        .filter(|n| runs_on_with(&selector, spec, n))
         .map(|n| n.name_any())
         .collect()
 }
 
-fn key(bm: &BioMonitor) -> String {
+/// `namespace/name`, the key of a BioMonitor in verdict maps and messages.
+pub fn key(bm: &BioMonitor) -> String {
     format!("{}/{}", bm.namespace().unwrap_or_default(), bm.name_any())
 }
 
@@ -112,39 +118,72 @@ fn precedence(bm: &BioMonitor) -> (bool, Option<k8s_openapi::jiff::Timestamp>, S
 /// hold an older copy of `me`; the fresh one wins) and every node.
 pub fn verdict(me: &BioMonitor, monitors: &[&BioMonitor], nodes: &[&Node]) -> Verdict {
     let my_key = key(me);
+    let mut all: Vec<&BioMonitor> = monitors
+        .iter()
+        .copied()
+        .filter(|m| key(m) != my_key)
+        .collect();
+    all.push(me);
+    verdicts(&all, nodes)
+        .remove(&my_key)
+        .unwrap_or(Verdict::Active)
+}
+
+/// The verdict of every BioMonitor in `monitors` (one copy per
+/// namespace/name) at once, keyed by `namespace/name`. Monitors being
+/// deleted take no part and get no entry. One pass over the nodes per
+/// monitor and no per-node allocation: this runs on every spec or node
+/// change in clusters with thousands of nodes.
+pub fn verdicts(monitors: &[&BioMonitor], nodes: &[&Node]) -> HashMap<String, Verdict> {
     let mut ordered: Vec<&BioMonitor> = monitors
         .iter()
         .copied()
-        .filter(|m| m.metadata.deletion_timestamp.is_none() && key(m) != my_key)
+        .filter(|m| m.metadata.deletion_timestamp.is_none())
         .collect();
-    ordered.push(me);
-    ordered.sort_by_key(|m| precedence(m));
+    ordered.sort_by_cached_key(|m| precedence(m));
 
-    let mut active: Vec<(String, BTreeSet<String>)> = Vec::new();
+    // Per node: the index (into `active`) of the active monitor covering it.
+    let mut owner: Vec<Option<usize>> = vec![None; nodes.len()];
+    let mut active: Vec<String> = Vec::new();
+    let mut out = HashMap::with_capacity(ordered.len());
     for m in ordered {
-        let mine = selected_nodes(&m.spec, nodes);
-        let conflicts: Vec<Conflict> = active
-            .iter()
-            .filter_map(|(other, theirs)| {
-                let shared: Vec<String> = mine.intersection(theirs).cloned().collect();
-                (!shared.is_empty()).then(|| Conflict {
-                    with: other.clone(),
-                    nodes: shared,
-                })
-            })
-            .collect();
-        if key(m) == my_key {
-            return if conflicts.is_empty() {
-                Verdict::Active
-            } else {
-                Verdict::Blocked(conflicts)
-            };
+        let selector = effective_node_selector(&m.spec);
+        let mut mine = Vec::new();
+        // Shared nodes per earlier active monitor, in activation order.
+        let mut shared: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, node) in nodes.iter().enumerate() {
+            if runs_on_with(&selector, &m.spec, node) {
+                mine.push(i);
+                if let Some(o) = owner[i] {
+                    shared.entry(o).or_default().push(i);
+                }
+            }
         }
-        if conflicts.is_empty() {
-            active.push((key(m), mine));
-        }
+        let verdict = if shared.is_empty() {
+            for i in mine {
+                owner[i] = Some(active.len());
+            }
+            active.push(key(m));
+            Verdict::Active
+        } else {
+            Verdict::Blocked(
+                shared
+                    .into_iter()
+                    .map(|(o, idx)| {
+                        let mut names: Vec<String> =
+                            idx.into_iter().map(|i| nodes[i].name_any()).collect();
+                        names.sort();
+                        Conflict {
+                            with: active[o].clone(),
+                            nodes: names,
+                        }
+                    })
+                    .collect(),
+            )
+        };
+        out.insert(key(m), verdict);
     }
-    unreachable!("`me` is always in the ordered list")
+    out
 }
 
 /// Condition message for a blocked monitor; names a few nodes, not thousands.
@@ -419,6 +458,42 @@ mod tests {
             verdict(&second, &all, &nodes),
             Verdict::Blocked(_)
         ));
+    }
+
+    #[test]
+    fn all_verdicts_at_once_match_one_at_a_time() {
+        let nodes: Vec<Node> = (0..12)
+            .map(|i| {
+                let pool = format!("p{}", i % 3);
+                node(&format!("n{i:02}"), &[("pool", &pool)], &[])
+            })
+            .collect();
+        let nodes: Vec<&Node> = nodes.iter().collect();
+        let monitors = [
+            mon("everything", 10, &[]),
+            mon("p0", 5, &[("pool", "p0")]),
+            mon("p1", 20, &[("pool", "p1")]),
+            mon("p2", 30, &[("pool", "p2")]),
+            mon("none", 1, &[("pool", "nowhere")]),
+        ];
+        let all: Vec<&BioMonitor> = monitors.iter().collect();
+        let at_once = verdicts(&all, &nodes);
+        assert_eq!(at_once.len(), monitors.len());
+        for m in &monitors {
+            assert_eq!(at_once[&key(m)], verdict(m, &all, &nodes), "{}", key(m));
+        }
+        // p0 is older than `everything`, which is blocked on p0's four
+        // nodes; p1 and p2 are then free.
+        assert_eq!(at_once[&key(&monitors[1])], Verdict::Active);
+        match &at_once[&key(&monitors[0])] {
+            Verdict::Blocked(c) => {
+                assert_eq!(c.len(), 1);
+                assert_eq!(c[0].nodes, ["n00", "n03", "n06", "n09"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(at_once[&key(&monitors[2])], Verdict::Active);
+        assert_eq!(at_once[&key(&monitors[3])], Verdict::Active);
     }
 
     #[test]

@@ -3,7 +3,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -57,14 +61,90 @@ pub struct Context {
     pub monitors: Store<BioMonitor>,
     /// All nodes, for the conflict rule.
     pub nodes: Store<Node>,
+    /// Bumped (after the node cache is updated) whenever a node's labels or
+    /// taints change, or a node comes or goes: heartbeats do not count.
+    nodes_version: Arc<AtomicU64>,
+    /// The conflict verdicts of every BioMonitor, for the inputs they were
+    /// computed from; most reconciles (status changes of the DaemonSet) reuse
+    /// them instead of matching every monitor against every node again.
+    verdicts: Mutex<Option<VerdictCache>>,
     /// Re-reconciles every BioMonitor: one monitor's spec or deletion can
     /// change another's conflict verdict.
     reconcile_all: mpsc::UnboundedSender<()>,
-    /// Generation per BioMonitor uid for which `reconcile_all` was already
-    /// sent, so the fan-out happens once per spec change, not per reconcile.
-    fanned_out: Mutex<HashMap<String, i64>>,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<BioMonitor>, u32>>,
+}
+
+/// What the verdicts depend on: node placement data (via its version) and,
+/// per monitor, identity, precedence and spec (via the generation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct VerdictInputs {
+    nodes_version: u64,
+    monitors: Vec<(String, Option<String>, Option<i64>, bool)>,
+}
+
+struct VerdictCache {
+    inputs: VerdictInputs,
+    verdicts: HashMap<String, Verdict>,
+}
+
+impl Context {
+    /// The verdict for `bm` (fresher than its cached copy), and whether the
+    /// verdict of any *other* monitor changed since the last computation, in
+    /// which case they all need a reconcile.
+    fn verdict(&self, bm: &BioMonitor) -> (Verdict, bool) {
+        let my_key = conflict::key(bm);
+        let cached = self.monitors.state();
+        let mut monitors: Vec<&BioMonitor> = cached
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|m| conflict::key(m) != my_key)
+            .collect();
+        monitors.push(bm);
+        monitors.sort_by_cached_key(|m| conflict::key(m));
+        let inputs = VerdictInputs {
+            nodes_version: self.nodes_version.load(Ordering::SeqCst),
+            monitors: monitors
+                .iter()
+                .map(|m| {
+                    (
+                        conflict::key(m),
+                        m.uid(),
+                        m.metadata.generation,
+                        m.metadata.deletion_timestamp.is_some(),
+                    )
+                })
+                .collect(),
+        };
+        let mut cache = lock(&self.verdicts);
+        if let Some(c) = cache.as_ref().filter(|c| c.inputs == inputs) {
+            let verdict = c.verdicts.get(&my_key).cloned();
+            return (verdict.unwrap_or(Verdict::Active), false);
+        }
+        let nodes = self.nodes.state();
+        let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
+        let verdicts = conflict::verdicts(&monitors, &nodes);
+        let others_changed = cache.as_ref().is_some_and(|old| {
+            old.verdicts
+                .iter()
+                .any(|(k, v)| *k != my_key && verdicts.get(k).is_some_and(|new| new != v))
+        });
+        let verdict = verdicts.get(&my_key).cloned().unwrap_or(Verdict::Active);
+        *cache = Some(VerdictCache { inputs, verdicts });
+        (verdict, others_changed)
+    }
+}
+
+/// Hash of what node placement depends on: labels and taints.
+fn placement_hash(node: &Node) -> u64 {
+    let mut h = DefaultHasher::new();
+    node.labels().hash(&mut h);
+    if let Some(taints) = node.spec.as_ref().and_then(|s| s.taints.as_ref()) {
+        for t in taints {
+            (&t.key, &t.value, &t.effect).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// Runs the controller until the watch streams end. Meant to be run only
@@ -88,6 +168,9 @@ pub async fn run(
         })?;
 
     let (nodes, node_writer) = reflector::store::<Node>();
+    let nodes_version = Arc::new(AtomicU64::new(0));
+    let mut placements: HashMap<String, u64> = HashMap::new();
+    let version = nodes_version.clone();
     let node_watch = reflector::reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -100,10 +183,31 @@ pub async fn run(
                 node.annotations_mut().clear();
             }),
     )
-    .for_each(|event| async move {
-        if let Err(err) = event {
-            tracing::warn!(error = %err, "node watch failed; retrying");
+    // The reflector has updated the store by the time an event gets here,
+    // so a reader never pairs a new version with an old store.
+    .for_each(move |event| {
+        match &event {
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                let hash = placement_hash(node);
+                if placements.insert(node.name_any(), hash) != Some(hash) {
+                    version.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Ok(watcher::Event::Delete(node)) => {
+                placements.remove(&node.name_any());
+                version.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(watcher::Event::Init) => {
+                // A relist: forget nodes that may have gone meanwhile.
+                placements.clear();
+                version.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(watcher::Event::InitDone) => {
+                version.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(err) => tracing::warn!(error = %err, "node watch failed; retrying"),
         }
+        futures::future::ready(())
     });
 
     let owned = watcher::Config::default().labels(&format!(
@@ -126,8 +230,9 @@ pub async fn run(
         fence,
         monitors: controller.store(),
         nodes: nodes.clone(),
+        nodes_version,
+        verdicts: Mutex::default(),
         reconcile_all,
-        fanned_out: Mutex::default(),
         failures: Mutex::default(),
     });
 
@@ -272,16 +377,14 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let generation = bm.metadata.generation;
-    fan_out_on_spec_change(&bm, ctx);
 
     let invalid_spec = validate_spec(&bm.spec).err();
-    let verdict = {
-        let monitors = ctx.monitors.state();
-        let nodes = ctx.nodes.state();
-        let monitors: Vec<&BioMonitor> = monitors.iter().map(AsRef::as_ref).collect();
-        let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
-        conflict::verdict(&bm, &monitors, &nodes)
-    };
+    let (verdict, others_changed) = ctx.verdict(&bm);
+    if others_changed {
+        // This monitor's spec (or arrival) changed another one's verdict.
+        // Unbounded and only closed when the controller stops: ignore errors.
+        let _ = ctx.reconcile_all.unbounded_send(());
+    }
     let node_conflict = match &verdict {
         Verdict::Blocked(conflicts) => Some(conflict::describe(conflicts)),
         Verdict::Active => None,
@@ -354,22 +457,6 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     }))
 }
 
-fn fan_out_on_spec_change(bm: &BioMonitor, ctx: &Context) {
-    let (Some(uid), Some(generation)) = (bm.uid(), bm.metadata.generation) else {
-        return;
-    };
-    let observed = bm.status.as_ref().and_then(|s| s.observed_generation);
-    if observed == Some(generation) {
-        return;
-    }
-    let mut fanned = lock(&ctx.fanned_out);
-    if fanned.get(&uid) != Some(&generation) {
-        fanned.insert(uid, generation);
-        // Unbounded and only closed when the controller stops: ignore errors.
-        let _ = ctx.reconcile_all.unbounded_send(());
-    }
-}
-
 async fn apply_cluster_role_binding(
     bm: &BioMonitor,
     ctx: &Context,
@@ -434,9 +521,6 @@ async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     // cluster-scoped binding needs deleting by hand.
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
     delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(&bm)).await?;
-    if let Some(uid) = bm.uid() {
-        lock(&ctx.fanned_out).remove(&uid);
-    }
     // A monitor blocked by this one may now be rolled out.
     let _ = ctx.reconcile_all.unbounded_send(());
     tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "cleaned up cluster-scoped resources");

@@ -20,8 +20,17 @@
 # Usage: operator/tests/bench-scale.sh [workdir]
 #   Without a workdir it starts a cluster in a temp dir and stops it after.
 # Env: NODES (5000), MONITORS (50), BIO_OPERATOR_BIN (default: cargo build
-#      --release), READY_TIMEOUT seconds (1800), SETTLE seconds of quiet
-#      after Ready before the request counters are read (15).
+#      --release), NODE_READY_WAIT seconds to wait for every node to be Ready
+#      before starting (600; then it goes on and reports how many were),
+#      READY_TIMEOUT seconds to wait for every BioMonitor to be Ready (900;
+#      then it reports how many were), SETTLE seconds of quiet after that
+#      before the request counters are read (15).
+#      NODE_KIND=kwok (default) or static: static nodes are not managed by
+#      kwok (no heartbeats, never Ready, agents never run), to measure the
+#      operator's share at node counts kwok cannot keep alive; Ready is then
+#      not waited for.
+# On 2 cores kwok cannot heartbeat thousands of nodes in time: they flap
+# NotReady and the API server saturates (5000 nodes did not work here).
 # Results: printed, and kept in <workdir>/bio-bench/results.txt.
 set -euo pipefail
 
@@ -29,7 +38,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CLUSTER="$ROOT/tests/cluster"
 NODES="${NODES:-5000}"
 MONITORS="${MONITORS:-50}"
-READY_TIMEOUT="${READY_TIMEOUT:-1800}"
+NODE_KIND="${NODE_KIND:-kwok}"
+case "$NODE_KIND" in
+  kwok) READY_TIMEOUT="${READY_TIMEOUT:-900}" NODE_READY_WAIT="${NODE_READY_WAIT:-600}" NODE_ANNOTATION="kwok.x-k8s.io/node: fake, " ;;
+  static) READY_TIMEOUT=0 NODE_READY_WAIT=0 NODE_ANNOTATION="" ;;
+  *) echo "NODE_KIND must be kwok or static" >&2; exit 2 ;;
+esac
+export NODE_KIND
 SETTLE="${SETTLE:-15}"
 PER=$((NODES / MONITORS))
 ((PER * MONITORS == NODES)) || { echo "NODES must be a multiple of MONITORS" >&2; exit 2; }
@@ -123,7 +138,7 @@ EOF
 # Same shape as add-nodes.sh, plus group=gN and a preset /29 pod CIDR inside
 # the cluster CIDR: node-ipam hands out only 256 /24s, and kwok gives pods
 # IPs from the node's pod CIDR.
-log "creating $NODES kwok nodes in $MONITORS groups of $PER"
+log "creating $NODES $NODE_KIND nodes in $MONITORS groups of $PER"
 gen_nodes() { # FROM TO
   local i name
   for ((i = $1; i < $2; i++)); do
@@ -134,7 +149,7 @@ apiVersion: v1
 kind: Node
 metadata:
   name: $name
-  annotations: {kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: "0"}
+  annotations: {${NODE_ANNOTATION}node.alpha.kubernetes.io/ttl: "0"}
   labels: {type: kwok, group: g$((i / PER)), kubernetes.io/hostname: $name, kubernetes.io/os: linux, kubernetes.io/arch: amd64, node-role.kubernetes.io/worker: ""}
 spec: {podCIDR: 10.244.$((i / 32)).$((i % 32 * 8))/29, podCIDRs: [10.244.$((i / 32)).$((i % 32 * 8))/29]}
 status:
@@ -157,12 +172,16 @@ for ((from = 0; from < NODES; from += CHUNK)); do
   fi
 done
 ready_nodes() { k get nodes -l group -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True || true; }
-deadline=$((SECONDS + READY_TIMEOUT))
-while (($(ready_nodes) < NODES)); do
-  ((SECONDS < deadline)) || die "nodes not Ready after ${READY_TIMEOUT}s"
+deadline=$((SECONDS + NODE_READY_WAIT))
+while (( (n = $(ready_nodes)) < NODES)); do
+  if ((SECONDS >= deadline)); then
+    ((NODE_READY_WAIT == 0)) || log "only $n of $NODES nodes Ready after ${NODE_READY_WAIT}s (kwok heartbeats lag); going on"
+    break
+  fi
   sleep 5
 done
-log "$NODES nodes Ready in $((SECONDS - T_NODES))s"
+NODES_READY_AT_START="$(ready_nodes)"
+log "$NODES_READY_AT_START of $NODES nodes Ready, $((SECONDS - T_NODES))s after the first create"
 
 # ------------------------------------------------------------- operator ----
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -228,12 +247,15 @@ done
 RSS_CHILDREN="$(rss)"
 log "every child written, every BioMonitor has a status"
 deadline=$((SECONDS + READY_TIMEOUT))
-until (($(awk '$4 == "True" {print $2}' "$OUT/w-bm.txt" | sort -u | grep -c . || true) >= MONITORS)); do
-  ((SECONDS < deadline)) || die "not every BioMonitor Ready after ${READY_TIMEOUT}s"
+until (( (n = $(awk '$4 == "True" {print $2}' "$OUT/w-bm.txt" | sort -u | grep -c . || true)) >= MONITORS)); do
+  if ((SECONDS >= deadline)); then
+    ((READY_TIMEOUT == 0)) || log "only $n of $MONITORS BioMonitors Ready after ${READY_TIMEOUT}s; reporting what there is"
+    break
+  fi
   kill -0 "$OP_PID" 2>/dev/null || die "operator exited"
   sleep 2
 done
-log "every BioMonitor Ready; settling ${SETTLE}s"
+log "$n of $MONITORS BioMonitors Ready; settling ${SETTLE}s"
 sleep "$SETTLE"
 RSS_END="$(rss)"
 apiserver_metrics >"$OUT/apiserver-after.prom"
@@ -242,9 +264,10 @@ CPU_TICKS="$(awk '{print $14 + $15}' "/proc/$OP_PID/stat")"
 CLK_TCK="$(getconf CLK_TCK)"
 
 # ---------------------------------------------------------------- report ---
-python3 - "$OUT" "$T0" "$T0_DONE" "$MONITORS" "$NODES" "$CPU_TICKS" "$CLK_TCK" "$SA_USER" <<'PY' | tee "$OUT/results.txt"
+NODES_READY_AT_END="$(ready_nodes)"
+python3 - "$OUT" "$T0" "$T0_DONE" "$MONITORS" "$NODES" "$CPU_TICKS" "$CLK_TCK" "$SA_USER" "$NODES_READY_AT_START" "$NODES_READY_AT_END" <<'PY' | tee "$OUT/results.txt"
 import collections, os, re, sys
-out, t0, t0_done, monitors, nodes, ticks, clk, sa = sys.argv[1:9]
+out, t0, t0_done, monitors, nodes, ticks, clk, sa, ready_start, ready_end = sys.argv[1:11]
 t0, t0_done, monitors, nodes = float(t0), float(t0_done), int(monitors), int(nodes)
 
 def first_seen(path, pred=lambda f: True):
@@ -297,13 +320,20 @@ for k, v in a1.items():
     res = labels.get("resource", "") + ("/" + labels["subresource"] if labels.get("subresource") else "")
     by[(labels["verb"], res)] += v - a0.get(k, 0.0)
 
-print(f"nodes {nodes}, BioMonitors {monitors} (disjoint groups of {nodes // monitors})")
+print(f"{os.environ.get('NODE_KIND', 'kwok')} nodes {nodes}, BioMonitors {monitors} (disjoint groups of {nodes // monitors});"
+      f" nodes Ready when the BioMonitors were created: {ready_start}, at the end: {ready_end}")
 print(f"create of the {monitors} BioMonitors took {t0_done - t0:.2f}s (kubectl, sequential POSTs)")
 print(f"operator share: every DaemonSet/Service/ServiceMonitor written {children_done - t0:.2f}s after the first create"
       f" (DaemonSets {max(ds.values()) - t0:.2f}s, Services {max(svc.values()) - t0:.2f}s, ServiceMonitors {max(sm.values()) - t0:.2f}s)")
 print(f"operator share: every BioMonitor has a status {status_done - t0:.2f}s after the first create")
-print(f"every BioMonitor Ready {max(ready.values()) - t0:.2f}s after the first create"
-      f" (first {min(ready.values()) - t0:.2f}s, median {sorted(ready.values())[len(ready) // 2] - t0:.2f}s)")
+if len(ready) == monitors:
+    print(f"every BioMonitor Ready {max(ready.values()) - t0:.2f}s after the first create"
+          f" (first {min(ready.values()) - t0:.2f}s, median {sorted(ready.values())[len(ready) // 2] - t0:.2f}s)")
+elif ready:
+    print(f"only {len(ready)} of {monitors} BioMonitors Ready within the timeout"
+          f" (first {min(ready.values()) - t0:.2f}s, last {max(ready.values()) - t0:.2f}s after the first create)")
+else:
+    print(f"no BioMonitor Ready within the timeout")
 print(f"operator reconciles {reconciles:.0f} ({reconciles / monitors:.1f} per BioMonitor), errors {errors:.0f},"
       f" sum of reconcile durations {busy:.2f}s (wall clock, mostly API round trips, overlapping),"
       f" operator CPU time since its start {int(ticks) / int(clk):.2f}s")
