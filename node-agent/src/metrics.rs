@@ -157,6 +157,30 @@ impl NativeBuckets {
     }
 }
 
+/// The seed's two histograms: same slots layout, different unit.
+#[derive(Clone, Copy)]
+enum HistKind {
+    Latency,
+    Size,
+}
+
+impl HistKind {
+    /// Name, help, largest classic bound (log2) and the divisor from the kernel's unit.
+    fn describe(self) -> (&'static str, &'static str, usize, f64) {
+        match self {
+            HistKind::Latency => (LATENCY_NAME, LATENCY_HELP, LATENCY_MAX_LOG2, NSEC_PER_USEC),
+            HistKind::Size => (SIZE_NAME, SIZE_HELP, SIZE_MAX_LOG2, BYTES_PER_KIB),
+        }
+    }
+
+    fn of(self, h: &DeviceOpHist) -> (&[u64; LOG2_SLOTS], u64) {
+        match self {
+            HistKind::Latency => (&h.latency_slots, h.latency_sum_ns),
+            HistKind::Size => (&h.size_slots, h.size_sum_bytes),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct BioCollector {
     hists: Vec<NamedHist>,
@@ -179,39 +203,19 @@ impl Collector for BioCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // The seed's families print even before any IO, like ebpf_exporter's, but series appear
         // only for pairs that did IO since load.
-        {
-            let mut family = encoder.encode_descriptor(
-                LATENCY_NAME,
-                LATENCY_HELP,
-                None,
-                MetricType::Histogram,
-            )?;
+        for kind in [HistKind::Latency, HistKind::Size] {
+            let (name, help, max_log2, unit) = kind.describe();
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for h in &self.hists {
-                let labels = self.series_labels(h);
+                let (slots, sum) = kind.of(&h.hist);
                 family
-                    .encode_family(&labels)?
+                    .encode_family(&self.series_labels(h))?
                     .encode_histogram_with_native::<NoLabelSet>(
-                        h.hist.latency_sum_ns as f64 / NSEC_PER_USEC,
+                        sum as f64 / unit,
                         h.hist.count(),
-                        &classic_buckets(&h.hist.latency_slots, LATENCY_MAX_LOG2),
+                        &classic_buckets(slots, max_log2),
                         None,
-                        NativeBuckets::of(&h.hist.latency_slots).view(),
-                    )?;
-            }
-        }
-        {
-            let mut family =
-                encoder.encode_descriptor(SIZE_NAME, SIZE_HELP, None, MetricType::Histogram)?;
-            for h in &self.hists {
-                let labels = self.series_labels(h);
-                family
-                    .encode_family(&labels)?
-                    .encode_histogram_with_native::<NoLabelSet>(
-                        h.hist.size_sum_bytes as f64 / BYTES_PER_KIB,
-                        h.hist.count(),
-                        &classic_buckets(&h.hist.size_slots, SIZE_MAX_LOG2),
-                        None,
-                        NativeBuckets::of(&h.hist.size_slots).view(),
+                        NativeBuckets::of(slots).view(),
                     )?;
             }
         }
@@ -278,8 +282,8 @@ impl Collector for BioCollector {
     }
 }
 
-/// Renders the Prometheus text format 0.0.4.
-pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> String {
+/// One scrape's families, for either encoder.
+fn registry(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(BioCollector {
         hists,
@@ -287,9 +291,17 @@ pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) 
         inflight: snapshot.inflight,
         labels: labels.clone(),
     }));
+    registry
+}
+
+/// Renders the Prometheus text format 0.0.4.
+pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> String {
     let mut out = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
-        .expect("writing to a String cannot fail");
+    prometheus_client::encoding::prometheus_text::encode(
+        &mut out,
+        &registry(hists, snapshot, labels),
+    )
+    .expect("writing to a String cannot fail");
     out
 }
 
@@ -310,15 +322,10 @@ pub fn wants_protobuf(accept: &str) -> bool {
 
 /// Renders length-delimited protobuf MetricFamily messages, with native histograms.
 pub fn render_protobuf(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Vec<u8> {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(BioCollector {
-        hists,
-        lost: snapshot.lost,
-        inflight: snapshot.inflight,
-        labels: labels.clone(),
-    }));
-    prometheus_client::encoding::prometheus_protobuf::encode_to_vec(&registry)
-        .expect("encoding into memory cannot fail")
+    prometheus_client::encoding::prometheus_protobuf::encode_to_vec(&registry(
+        hists, snapshot, labels,
+    ))
+    .expect("encoding into memory cannot fail")
 }
 
 #[cfg(test)]
