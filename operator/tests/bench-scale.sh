@@ -326,6 +326,13 @@ print(f"create of the {monitors} BioMonitors took {t0_done - t0:.2f}s (kubectl, 
 print(f"operator share: every DaemonSet/Service/ServiceMonitor written {children_done - t0:.2f}s after the first create"
       f" (DaemonSets {max(ds.values()) - t0:.2f}s, Services {max(svc.values()) - t0:.2f}s, ServiceMonitors {max(sm.values()) - t0:.2f}s)")
 print(f"operator share: every BioMonitor has a status {status_done - t0:.2f}s after the first create")
+# Per BioMonitor: from the watch event announcing it to its last child.
+added = first_seen("w-bm.txt")
+def child(d, m):
+    return next((t for n, t in d.items() if n.split("/")[-1] == m + "-agent"), None)
+lat = sorted(max(child(d, m) for d in (ds, svc, sm)) - t for m, t in added.items())
+print(f"operator share per BioMonitor (its create seen -> its last child seen): median {lat[len(lat) // 2]:.2f}s, max {lat[-1]:.2f}s;"
+      f" last child {children_done - max(added.values()):.2f}s after the last BioMonitor was created")
 if len(ready) == monitors:
     print(f"every BioMonitor Ready {max(ready.values()) - t0:.2f}s after the first create"
           f" (first {min(ready.values()) - t0:.2f}s, median {sorted(ready.values())[len(ready) // 2] - t0:.2f}s)")
