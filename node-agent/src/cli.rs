@@ -89,9 +89,15 @@ pub struct VolumeArgs {
           num_args = 0..=1, default_missing_value = "true")]
     pub pv_labels: bool,
 
-    /// The kubelet's root directory, where pod volume mounts are found.
+    /// The kubelet's root directory as the agent sees it, where pod volume mounts are found
+    /// (mount it read-only with HostToContainer propagation).
     #[arg(long, env = "BIO_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: PathBuf,
+
+    /// The same directory's path on the host, if the agent mounts it elsewhere: the kubelet's
+    /// block-volume symlinks point into it. Default: --kubelet-root.
+    #[arg(long, env = "BIO_HOST_KUBELET_ROOT", value_name = "PATH")]
+    pub host_kubelet_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

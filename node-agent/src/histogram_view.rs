@@ -5,7 +5,7 @@ use std::fmt::Write;
 use crate::bpf::{self, MapReader};
 use crate::cli::HistogramArgs;
 use crate::devices::{DeviceFilter, DeviceNamer};
-use crate::metrics::{name_hists, NamedHist, LATENCY_NAME, SIZE_NAME};
+use crate::metrics::{did_io, name_hists, NamedHist, LATENCY_NAME, SIZE_NAME};
 use crate::ops::OpNames;
 use crate::snapshot::{DeviceOpHist, LOG2_SLOTS};
 use crate::AgentError;
@@ -55,7 +55,8 @@ pub async fn run(args: HistogramArgs) -> Result<(), AgentError> {
             } => {
                 let snap = reader.snapshot()?;
                 attached.refresh(Some(&snap));
-                name_hists(&snap, &namer, &filter, ops)
+                let active = snap.hists.iter().filter(|h| did_io(h));
+                name_hists(active.map(|h| (h.clone(), None)), &namer, &filter, ops)
             }
             Source::Agent { url } => {
                 let url = url.clone();
@@ -181,6 +182,7 @@ pub fn parse_exposition(text: &str) -> Vec<NamedHist> {
             NamedHist {
                 device,
                 operation,
+                volume: None,
                 hist,
             }
         })
@@ -208,7 +210,7 @@ fn decumulate(slots: &mut [u64; LOG2_SLOTS]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{render_text, Labels};
+    use crate::metrics::{render_text, Labels, Scrape};
 
     #[test]
     fn exposition_round_trips_through_the_text_format() {
@@ -220,10 +222,14 @@ mod tests {
         let named = vec![NamedHist {
             device: "loop0".into(),
             operation: "read".into(),
+            volume: None,
             hist,
         }];
         let text = render_text(
-            named,
+            Scrape {
+                hists: named,
+                devices: vec![],
+            },
             &crate::snapshot::Snapshot::default(),
             &Labels {
                 node: "n".into(),

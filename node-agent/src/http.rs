@@ -11,23 +11,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::compression::CompressionLayer;
 
-use crate::bpf::{Attached, MapReader};
-use crate::devices::{DeviceFilter, DeviceNamer};
-use crate::metrics::{
-    name_hists, render_protobuf, render_text, wants_protobuf, Labels, PROTOBUF_CONTENT_TYPE,
-    TEXT_CONTENT_TYPE,
-};
-use crate::ops::OpNames;
-
-/// Everything a scrape needs, set once the programs are attached.
-pub struct Source {
-    pub attached: Arc<Attached>,
-    pub reader: MapReader,
-    pub namer: DeviceNamer,
-    pub filter: DeviceFilter,
-    pub ops: OpNames,
-    pub labels: Labels,
-}
+use crate::metrics::wants_protobuf;
+use crate::scrape::Source;
 
 #[derive(Clone, Default)]
 pub struct AppState {
@@ -108,26 +93,9 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(wants_protobuf);
-    // Map reads are syscalls and sysfs lookups: keep them off the async workers.
+    // Map reads, sysfs and kubelet-directory scans are syscalls: keep them off the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
-        let source = state.source.get().expect("checked above");
-        source.reader.snapshot().map(|snap| {
-            // The host may have changed since the last scrape (a disk appeared): attach what it
-            // needs now, then report what was counted.
-            source.attached.refresh(Some(&snap));
-            let hists = name_hists(&snap, &source.namer, &source.filter, &source.ops);
-            if protobuf {
-                (
-                    PROTOBUF_CONTENT_TYPE,
-                    render_protobuf(hists, &snap, &source.labels),
-                )
-            } else {
-                (
-                    TEXT_CONTENT_TYPE,
-                    render_text(hists, &snap, &source.labels).into_bytes(),
-                )
-            }
-        })
+        state.source.get().expect("checked above").render(protobuf)
     })
     .await;
     match rendered {

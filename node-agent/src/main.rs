@@ -7,8 +7,11 @@ mod histogram_view;
 mod http;
 mod metrics;
 mod ops;
+mod scrape;
+mod series_epochs;
 mod snapshot;
 mod tls;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -16,7 +19,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, ServeArgs};
-use devices::{DeviceFilter, DeviceNamer};
+use devices::DeviceFilter;
 
 /// Exit codes: 1 for runtime failures, 2 for bad command-line input (like clap's own).
 const EXIT_FAILURE: u8 = 1;
@@ -76,6 +79,8 @@ pub enum AgentError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthSetupError),
+    #[error("--pv-labels needs the Kubernetes API (in-cluster ServiceAccount or KUBECONFIG): {0}")]
+    PvLabels(String),
     #[error("{0}")]
     Other(String),
 }
@@ -99,12 +104,6 @@ fn node_name(flag: Option<String>) -> String {
 
 async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let filter = DeviceFilter::new(&args.devices.include, &args.devices.exclude)?;
-    if args.volumes.pv_labels {
-        tracing::warn!(
-            kubelet_root = %args.volumes.kubelet_root.display(),
-            "--pv-labels: PersistentVolume labels are not implemented in this build; series carry device and node only"
-        );
-    }
     let node = node_name(args.node_name);
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
@@ -147,18 +146,29 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     };
     tracing::info!(listen = %args.listen, %scheme, node = %node, "serving /metrics, /healthz, /readyz");
 
+    let volumes = match args.volumes.pv_labels {
+        true => Some(start_volume_labels(&args.volumes).await?),
+        false => None,
+    };
     let attached = std::sync::Arc::new(bpf::attach(args.bpf.attach)?);
-    state.set_source(http::Source {
-        attached: attached.clone(),
-        reader: attached.reader(),
-        namer: DeviceNamer::default(),
+    if let Some(labeler) = &volumes {
+        // Usually long done by now: attaching takes longer than a PV list.
+        if !labeler.wait_synced(PV_LIST_GRACE).await {
+            tracing::warn!(
+                "PersistentVolumes not listed yet; devices are labelled by PV name only until they are"
+            );
+        }
+    }
+    let labels = metrics::Labels {
+        node,
+        attach_mode: attached.mode.to_string(),
+    };
+    state.set_source(scrape::Source::new(
+        attached.clone(),
         filter,
-        ops: attached.facts.ops.clone(),
-        labels: metrics::Labels {
-            node,
-            attach_mode: attached.mode.to_string(),
-        },
-    });
+        labels,
+        volumes,
+    ));
     tracing::info!(mode = %attached.mode, "BPF programs attached; ready");
 
     let served = server.await;
@@ -170,6 +180,35 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
         Ok(Err(e)) => Err(AgentError::Other(format!("HTTP server failed: {e}"))),
         Err(e) => Err(AgentError::Other(format!("HTTP server task failed: {e}"))),
     }
+}
+
+/// How long the first scrape may wait for the PV list; beyond it /metrics serves without claims
+/// rather than not at all.
+const PV_LIST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn start_volume_labels(args: &cli::VolumeArgs) -> Result<volumes::VolumeLabeler, AgentError> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| AgentError::PvLabels(e.to_string()))?;
+    let client = kube::Client::try_from(config).map_err(|e| AgentError::PvLabels(e.to_string()))?;
+    let host_kubelet_root = args
+        .host_kubelet_root
+        .clone()
+        .unwrap_or_else(|| args.kubelet_root.clone());
+    tracing::info!(
+        kubelet_root = %args.kubelet_root.display(),
+        host_kubelet_root = %host_kubelet_root.display(),
+        "labelling devices with the PersistentVolumes they back"
+    );
+    Ok(volumes::VolumeLabeler::start(
+        client,
+        volumes::VolumeConfig {
+            kubelet_root: args.kubelet_root.clone(),
+            host_kubelet_root,
+            ..volumes::VolumeConfig::default()
+        },
+    )
+    .await)
 }
 
 async fn shutdown_signal() {

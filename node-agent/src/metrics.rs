@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use crate::devices::{DeviceFilter, DeviceNamer};
 use crate::ops::OpNames;
 use crate::snapshot::{DeviceOpHist, Snapshot, INFLIGHT_TABLES, LOG2_SLOTS, LOST_REASONS};
+use crate::volumes::{PvInfo, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC};
 
 pub const LATENCY_NAME: &str = "ebpf_bio_req_latency";
 pub const LATENCY_HELP: &str = "A histogram of bio request latencies in microseconds.";
@@ -39,30 +40,44 @@ pub struct Labels {
 pub struct NamedHist {
     pub device: String,
     pub operation: String,
+    /// The PersistentVolume all of the device's IO belongs to, if any.
+    pub volume: Option<PvInfo>,
     pub hist: DeviceOpHist,
 }
 
+/// A device that backs PersistentVolumes, for `ebpf_bio_device_info`.
+#[derive(Debug, Clone)]
+pub struct DeviceVolumes {
+    pub device: String,
+    pub volumes: Vec<PvInfo>,
+    /// The device's IO is not one PV's alone, so its series carry no PV labels.
+    pub shared: bool,
+}
+
+/// Whether the kernel counted anything for a pair. Entries made ahead of a pair's first IO
+/// (see Attached::precreate_entries) stay hidden until it has.
+pub fn did_io(h: &DeviceOpHist) -> bool {
+    h.count() > 0 || h.errors > 0
+}
+
 /// Names devices and operations, drops filtered devices, and merges pairs that resolve to the
-/// same names (a device number reused by another disk) so no series is emitted twice.
+/// same names and labels (a device number reused by another disk) so no series is emitted twice.
 pub fn name_hists(
-    snapshot: &Snapshot,
+    hists: impl IntoIterator<Item = (DeviceOpHist, Option<PvInfo>)>,
     namer: &DeviceNamer,
     filter: &DeviceFilter,
     ops: &OpNames,
 ) -> Vec<NamedHist> {
-    let mut merged: BTreeMap<(String, String), DeviceOpHist> = BTreeMap::new();
-    for h in &snapshot.hists {
-        // Entries made ahead of a pair's first IO (see Attached::precreate_entries) stay hidden.
-        if h.count() == 0 && h.errors == 0 {
-            continue;
-        }
+    type Key = (String, String, Option<PvInfo>);
+    let mut merged: BTreeMap<Key, DeviceOpHist> = BTreeMap::new();
+    for (h, volume) in hists {
         let device = namer.name(h.dev);
         if !filter.allows(&device) {
             continue;
         }
         let operation = ops.name(h.op);
         let entry = merged
-            .entry((device, operation))
+            .entry((device, operation, volume))
             .or_insert_with(|| DeviceOpHist::empty(h.dev, h.op));
         for k in 0..LOG2_SLOTS {
             entry.latency_slots[k] += h.latency_slots[k];
@@ -74,9 +89,10 @@ pub fn name_hists(
     }
     merged
         .into_iter()
-        .map(|((device, operation), hist)| NamedHist {
+        .map(|((device, operation, volume), hist)| NamedHist {
             device,
             operation,
+            volume,
             hist,
         })
         .collect()
@@ -184,18 +200,29 @@ impl HistKind {
 #[derive(Debug)]
 struct BioCollector {
     hists: Vec<NamedHist>,
+    devices: Vec<DeviceVolumes>,
     lost: [u64; LOST_REASONS.len()],
     inflight: [u64; INFLIGHT_TABLES.len()],
     labels: Labels,
 }
 
 impl BioCollector {
-    fn series_labels(&self, h: &NamedHist) -> [(&'static str, String); 3] {
-        [
+    /// The seed's labels, then node, then the PV's (kube-state-metrics names) when the
+    /// device's IO is one PV's; unknown ones are left out, never empty.
+    fn series_labels(&self, h: &NamedHist) -> Vec<(&'static str, String)> {
+        let mut labels = vec![
             ("device", h.device.clone()),
             ("operation", h.operation.clone()),
             ("node", self.labels.node.clone()),
-        ]
+        ];
+        if let Some(pv) = &h.volume {
+            labels.extend(
+                pv.labels()
+                    .filter(|(k, _)| [LABEL_PV, LABEL_PVC, LABEL_NAMESPACE].contains(k))
+                    .map(|(k, v)| (k, v.to_string())),
+            );
+        }
+        labels
     }
 }
 
@@ -278,15 +305,42 @@ impl Collector for BioCollector {
             ];
             family.encode_info(&labels)?;
         }
+        {
+            let mut family = encoder.encode_descriptor(
+                "ebpf_bio_device",
+                "Block devices backing PersistentVolumes (value 1), one series per device and PV, for joins with kube-state-metrics. shared=\"true\": the device's IO is not one PV's alone, so its latency and size series carry no PV labels.",
+                None,
+                MetricType::Info,
+            )?;
+            for d in &self.devices {
+                for pv in &d.volumes {
+                    let mut labels = vec![
+                        ("node", self.labels.node.clone()),
+                        ("device", d.device.clone()),
+                    ];
+                    labels.extend(pv.labels().map(|(k, v)| (k, v.to_string())));
+                    labels.push(("shared", d.shared.to_string()));
+                    family.encode_info(&labels)?;
+                }
+            }
+        }
         Ok(())
     }
 }
 
+/// What one scrape exports beside the kernel's global counters.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub hists: Vec<NamedHist>,
+    pub devices: Vec<DeviceVolumes>,
+}
+
 /// One scrape's families, for either encoder.
-fn registry(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Registry {
+fn registry(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(BioCollector {
-        hists,
+        hists: scrape.hists,
+        devices: scrape.devices,
         lost: snapshot.lost,
         inflight: snapshot.inflight,
         labels: labels.clone(),
@@ -295,11 +349,11 @@ fn registry(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Regi
 }
 
 /// Renders the Prometheus text format 0.0.4.
-pub fn render_text(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> String {
+pub fn render_text(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> String {
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(
         &mut out,
-        &registry(hists, snapshot, labels),
+        &registry(scrape, snapshot, labels),
     )
     .expect("writing to a String cannot fail");
     out
@@ -321,9 +375,9 @@ pub fn wants_protobuf(accept: &str) -> bool {
 }
 
 /// Renders length-delimited protobuf MetricFamily messages, with native histograms.
-pub fn render_protobuf(hists: Vec<NamedHist>, snapshot: &Snapshot, labels: &Labels) -> Vec<u8> {
+pub fn render_protobuf(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> Vec<u8> {
     prometheus_client::encoding::prometheus_protobuf::encode_to_vec(&registry(
-        hists, snapshot, labels,
+        scrape, snapshot, labels,
     ))
     .expect("encoding into memory cannot fail")
 }
@@ -345,7 +399,15 @@ mod tests {
         NamedHist {
             device: device.into(),
             operation: operation.into(),
+            volume: None,
             hist,
+        }
+    }
+
+    fn only(hists: Vec<NamedHist>) -> Scrape {
+        Scrape {
+            hists,
+            devices: vec![],
         }
     }
 
@@ -404,7 +466,7 @@ mod tests {
     #[test]
     fn seed_names_help_type_and_le_strings() {
         let text = render_text(
-            vec![hist("sda", "write", |h| h.latency_slots[6] = 1)],
+            only(vec![hist("sda", "write", |h| h.latency_slots[6] = 1)]),
             &Snapshot::default(),
             &labels(),
         );
@@ -430,7 +492,7 @@ mod tests {
     #[test]
     fn buckets_are_cumulative_and_inf_equals_count() {
         let text = render_text(
-            vec![hist("loop0", "read", |h| {
+            only(vec![hist("loop0", "read", |h| {
                 h.latency_slots[0] = 2; // <= 1 µs
                 h.latency_slots[3] = 5; // (4, 8] µs
                 h.latency_slots[40] = 1; // beyond 2^31 µs: only in +Inf
@@ -438,7 +500,7 @@ mod tests {
                 h.size_slots[16] = 1; // a 64 MiB discard: beyond le=32768
                 h.latency_sum_ns = 1_500;
                 h.size_sum_bytes = 7 * 4096 + (64 << 20);
-            })],
+            })]),
             &Snapshot::default(),
             &labels(),
         );
@@ -471,7 +533,7 @@ mod tests {
     #[test]
     fn errors_lost_and_attach_mode_are_exported() {
         let text = render_text(
-            vec![hist("vda", "flush", |h| h.errors = 3)],
+            only(vec![hist("vda", "flush", |h| h.errors = 3)]),
             &Snapshot {
                 hists: vec![],
                 lost: [1, 2, 0, 0],
@@ -528,11 +590,11 @@ mod tests {
         use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::MetricFamily;
         use prost::Message;
         let body = render_protobuf(
-            vec![hist("loop0", "read", |h| {
+            only(vec![hist("loop0", "read", |h| {
                 h.latency_slots[0] = 1;
                 h.latency_slots[3] = 2;
                 h.size_slots[2] = 3;
-            })],
+            })]),
             &Snapshot::default(),
             &labels(),
         );
@@ -572,22 +634,97 @@ mod tests {
         a.latency_slots[1] = 1;
         let mut b = a.clone();
         b.dev = mkdev(7, 1);
-        let snap = Snapshot {
-            hists: vec![a.clone(), b, a],
-            ..Default::default()
-        };
+        let hists = || [a.clone(), b.clone(), a.clone()].map(|h| (h, None));
         let namer = DeviceNamer::new("/nonexistent");
         let ops = OpNames::current_kernel();
-        let all = name_hists(&snap, &namer, &DeviceFilter::default(), &ops);
+        let all = name_hists(hists(), &namer, &DeviceFilter::default(), &ops);
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].device, "7:0");
         assert_eq!(all[0].hist.count(), 2, "same names merge");
         let only = name_hists(
-            &snap,
+            hists(),
             &namer,
             &DeviceFilter::new(&[], &["7:1".into()]).unwrap(),
             &ops,
         );
         assert_eq!(only.len(), 1);
+    }
+
+    fn pv(name: &str, claim: Option<(&str, &str)>) -> PvInfo {
+        PvInfo {
+            pv: name.into(),
+            pvc: claim.map(|c| c.1.into()),
+            namespace: claim.map(|c| c.0.into()),
+            storage_class: Some("fast".into()),
+        }
+    }
+
+    #[test]
+    fn pv_labels_follow_the_seed_labels_and_are_absent_when_unknown() {
+        let one_io = |h: &mut DeviceOpHist| {
+            h.latency_slots[4] = 1;
+            h.size_slots[2] = 1;
+        };
+        let mut claimed = hist("loop3", "write", one_io);
+        claimed.volume = Some(pv("pv-a", Some(("ns-a", "claim-a"))));
+        let mut unclaimed = hist("loop4", "write", one_io);
+        unclaimed.volume = Some(pv("pv-b", None));
+        let plain = hist("loop5", "write", one_io);
+        let text = render_text(
+            only(vec![claimed, unclaimed, plain]),
+            &Snapshot::default(),
+            &labels(),
+        );
+        assert!(
+            text.contains("ebpf_bio_req_size_count{device=\"loop3\",operation=\"write\",node=\"n1\",persistentvolume=\"pv-a\",persistentvolumeclaim=\"claim-a\",namespace=\"ns-a\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ebpf_bio_req_latency_bucket{device=\"loop4\",operation=\"write\",node=\"n1\",persistentvolume=\"pv-b\",le=\"1\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ebpf_bio_req_errors_total{device=\"loop5\",operation=\"write\",node=\"n1\"} 0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("storageclass=\"fast\",le"),
+            "the class is for the info metric only"
+        );
+    }
+
+    #[test]
+    fn device_info_lists_every_pv_and_says_when_shared() {
+        let scrape = Scrape {
+            hists: vec![],
+            devices: vec![
+                DeviceVolumes {
+                    device: "loop3".into(),
+                    volumes: vec![pv("pv-a", Some(("ns-a", "claim-a")))],
+                    shared: false,
+                },
+                DeviceVolumes {
+                    device: "loop7".into(),
+                    volumes: vec![pv("pv-p1", None), pv("pv-p2", Some(("ns-b", "c2")))],
+                    shared: true,
+                },
+            ],
+        };
+        let text = render_text(scrape, &Snapshot::default(), &labels());
+        let info: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ebpf_bio_device_info{"))
+            .collect();
+        assert_eq!(
+            info,
+            [
+                "ebpf_bio_device_info{node=\"n1\",device=\"loop3\",persistentvolume=\"pv-a\",persistentvolumeclaim=\"claim-a\",namespace=\"ns-a\",storageclass=\"fast\",shared=\"false\"} 1",
+                "ebpf_bio_device_info{node=\"n1\",device=\"loop7\",persistentvolume=\"pv-p1\",storageclass=\"fast\",shared=\"true\"} 1",
+                "ebpf_bio_device_info{node=\"n1\",device=\"loop7\",persistentvolume=\"pv-p2\",persistentvolumeclaim=\"c2\",namespace=\"ns-b\",storageclass=\"fast\",shared=\"true\"} 1",
+            ],
+            "{text}"
+        );
     }
 }

@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
-pub use index::{DiskVolumes, PvInfo, VolumeIndex};
+pub use index::{PvInfo, VolumeIndex, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC};
 
 use discover::{Discovery, Memo};
 use pv_store::PvStore;
@@ -94,6 +94,20 @@ impl VolumeLabeler {
         let mut labeler = Self::with_store(pvs, cfg);
         labeler.watch = Some(watch);
         labeler
+    }
+
+    /// Waits up to `limit` for the first full list of PersistentVolumes, so the first scrapes
+    /// label devices with their claims rather than by PV name only (which would restart every
+    /// labelled series once the list arrives). Returns whether it arrived.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.pvs.synced() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     fn with_store(pvs: PvStore, cfg: VolumeConfig) -> Self {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::dev_id::DevId;
+use super::index::DiskVolumes;
 use super::mountinfo::escape;
 use super::pv_store::tests::{csi_pv, store_of};
 use super::testfs::FakeSys;
