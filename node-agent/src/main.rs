@@ -52,8 +52,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// kube's client logs every failed connection attempt at ERROR; the PV watch already reports
+/// each change of its health once, so during an API outage these would only repeat it.
+const QUIET_KUBE_CLIENT: &str = "kube_client::client::builder=off";
+
 fn init_logging(level: &str, json: bool) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|e| {
+    let directives = if level.contains("kube_client") {
+        level.to_string()
+    } else {
+        format!("{level},{QUIET_KUBE_CLIENT}")
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
         eprintln!("warning: invalid --log-level {level:?} ({e}); using info");
         EnvFilter::new("info")
     });
