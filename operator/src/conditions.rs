@@ -11,6 +11,7 @@ use crate::crd::BioMonitorStatus;
 pub const READY: &str = "Ready";
 pub const DAEMONSET_READY: &str = "DaemonSetReady";
 pub const SERVICE_MONITOR_READY: &str = "ServiceMonitorReady";
+pub const TLS_READY: &str = "TLSReady";
 
 /// Condition reasons; part of the API (alerts and scripts match on them).
 pub mod reason {
@@ -19,6 +20,7 @@ pub mod reason {
     pub const NODE_CONFLICT: &str = "NodeConflict";
     pub const DAEMONSET_NOT_READY: &str = "DaemonSetNotReady";
     pub const SERVICE_MONITOR_NOT_READY: &str = "ServiceMonitorNotReady";
+    pub const TLS_NOT_READY: &str = "TLSNotReady";
 
     pub const ALL_AGENTS_READY: &str = "AllAgentsReady";
     pub const AGENTS_NOT_READY: &str = "AgentsNotReady";
@@ -31,6 +33,10 @@ pub mod reason {
     pub const CRD_NOT_INSTALLED: &str = "CRDNotInstalled";
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const PENDING: &str = "Pending";
+
+    pub const ISSUED: &str = "Issued";
+    pub const CERT_MANAGER_NOT_INSTALLED: &str = "CertManagerNotInstalled";
+    pub const CERTIFICATE_NOT_READY: &str = "CertificateNotReady";
 }
 
 /// What the reconcile found out about the DaemonSet.
@@ -65,6 +71,23 @@ pub enum ServiceMonitorState {
     Unchanged,
 }
 
+/// What the reconcile found out about the agents' serving certificate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TlsState {
+    /// TLS is off.
+    Disabled,
+    /// A certificate is in its Secret; the message says whose and until when.
+    Issued(String),
+    /// An issuerRef is set but cert-manager's Certificate CRD is missing.
+    CertManagerNotInstalled,
+    /// cert-manager has not (yet) issued: its Ready condition, or the Secret.
+    NotReady(String),
+    /// The API server refused the Certificate or a Secret.
+    Failed(String),
+    /// Not touched this time: keep whatever the previous status said.
+    Unchanged,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
     /// metadata.generation of the BioMonitor that was reconciled.
@@ -73,6 +96,7 @@ pub struct Observation {
     pub node_conflict: Option<String>,
     pub daemonset: DaemonSetState,
     pub service_monitor: ServiceMonitorState,
+    pub tls: TlsState,
 }
 
 struct Outcome {
@@ -176,6 +200,26 @@ fn service_monitor_outcome(state: &ServiceMonitorState) -> Option<Outcome> {
     })
 }
 
+/// `None` means "carry the previous condition over".
+fn tls_outcome(state: &TlsState) -> Option<Outcome> {
+    Some(match state {
+        TlsState::Disabled => Outcome::new(
+            true,
+            reason::DISABLED,
+            "metricsEndpoint.tls.enabled is false: /metrics is plain HTTP",
+        ),
+        TlsState::Issued(msg) => Outcome::new(true, reason::ISSUED, msg.clone()),
+        TlsState::CertManagerNotInstalled => Outcome::new(
+            false,
+            reason::CERT_MANAGER_NOT_INSTALLED,
+            "metricsEndpoint.tls.issuerRef is set but the cert-manager.io/v1 Certificate CRD is not installed; install cert-manager or remove issuerRef to let the operator issue the certificate (retrying periodically)",
+        ),
+        TlsState::NotReady(msg) => Outcome::new(false, reason::CERTIFICATE_NOT_READY, msg.clone()),
+        TlsState::Failed(msg) => Outcome::new(false, reason::APPLY_FAILED, msg.clone()),
+        TlsState::Unchanged => return None,
+    })
+}
+
 /// A condition that keeps its lastTransitionTime while its status is unchanged,
 /// so re-reconciling an unchanged object writes an identical status (no
 /// status churn, no self-triggered watch events).
@@ -252,10 +296,38 @@ pub fn compute_status(
         },
     };
 
+    let tls_condition = match tls_outcome(&obs.tls) {
+        Some(o) => condition(
+            prev,
+            TLS_READY,
+            status_str(o.ok),
+            o.reason,
+            o.message,
+            gen,
+            now,
+        ),
+        None => match prev.and_then(|p| p.condition(TLS_READY)) {
+            Some(c) => c.clone(),
+            None => condition(
+                prev,
+                TLS_READY,
+                "Unknown",
+                reason::PENDING,
+                "the serving certificate has not been reconciled yet".into(),
+                gen,
+                now,
+            ),
+        },
+    };
+
+    // TLS before the DaemonSet: without its certificate the DaemonSet is
+    // not rolled out, so the certificate is the cause to report.
     let ready_outcome = if let Some(msg) = &obs.invalid_spec {
         Outcome::new(false, reason::INVALID_SPEC, msg.clone())
     } else if let Some(msg) = &obs.node_conflict {
         Outcome::new(false, reason::NODE_CONFLICT, msg.clone())
+    } else if tls_condition.status != "True" {
+        Outcome::new(false, reason::TLS_NOT_READY, tls_condition.message.clone())
     } else if !ds.ok {
         Outcome::new(false, reason::DAEMONSET_NOT_READY, ds.message)
     } else if sm_condition.status != "True" {
@@ -283,7 +355,7 @@ pub fn compute_status(
 
     BioMonitorStatus {
         observed_generation: gen,
-        conditions: vec![ready_condition, ds_condition, sm_condition],
+        conditions: vec![ready_condition, ds_condition, sm_condition, tls_condition],
         desired_nodes: desired,
         ready_nodes: ready,
         nodes: Some(format!("{ready}/{desired}")),
@@ -320,6 +392,7 @@ mod tests {
             node_conflict: None,
             daemonset,
             service_monitor,
+            tls: TlsState::Disabled,
         }
     }
 
@@ -337,7 +410,7 @@ mod tests {
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!((s.desired_nodes, s.ready_nodes), (3, 3));
         assert_eq!(s.nodes.as_deref(), Some("3/3"));
-        for type_ in [READY, DAEMONSET_READY, SERVICE_MONITOR_READY] {
+        for type_ in [READY, DAEMONSET_READY, SERVICE_MONITOR_READY, TLS_READY] {
             let c = get(&s, type_);
             assert_eq!(c.status, "True", "{type_}");
             assert_eq!(c.observed_generation, Some(3));
@@ -348,7 +421,7 @@ mod tests {
                 .iter()
                 .map(|c| c.type_.as_str())
                 .collect::<Vec<_>>(),
-            [READY, DAEMONSET_READY, SERVICE_MONITOR_READY]
+            [READY, DAEMONSET_READY, SERVICE_MONITOR_READY, TLS_READY]
         );
     }
 
@@ -453,6 +526,45 @@ mod tests {
             get(&s, SERVICE_MONITOR_READY),
             get(&prev, SERVICE_MONITOR_READY)
         );
+    }
+
+    #[test]
+    fn tls_not_ready_is_the_reason_before_the_daemonset() {
+        let mut o = obs(ds(3, 1, 1, 1), ServiceMonitorState::Applied);
+        o.tls = TlsState::CertManagerNotInstalled;
+        let s = compute_status(None, &o, &t(1));
+        let c = get(&s, TLS_READY);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", reason::CERT_MANAGER_NOT_INSTALLED)
+        );
+        assert!(c.message.contains("cert-manager.io/v1 Certificate CRD"));
+        let r = get(&s, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", reason::TLS_NOT_READY)
+        );
+        assert_eq!(r.message, c.message);
+
+        o.tls = TlsState::NotReady("Issuer ca not found".into());
+        let s = compute_status(None, &o, &t(1));
+        assert_eq!(get(&s, TLS_READY).reason, reason::CERTIFICATE_NOT_READY);
+
+        o.tls = TlsState::Issued("issued by the operator".into());
+        let s = compute_status(None, &o, &t(1));
+        assert_eq!(get(&s, TLS_READY).status, "True");
+        assert_eq!(get(&s, READY).reason, reason::DAEMONSET_NOT_READY);
+    }
+
+    #[test]
+    fn unchanged_tls_condition_is_carried_over() {
+        let mut o = obs(ds(1, 1, 1, 1), ServiceMonitorState::Applied);
+        o.tls = TlsState::Issued("issued".into());
+        let prev = compute_status(None, &o, &t(1));
+        o.tls = TlsState::Unchanged;
+        o.invalid_spec = Some("bad".into());
+        let s = compute_status(Some(&prev), &o, &t(50));
+        assert_eq!(get(&s, TLS_READY), get(&prev, TLS_READY));
     }
 
     #[test]

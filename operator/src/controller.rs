@@ -15,7 +15,7 @@ use futures::{channel::mpsc, StreamExt};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Node, Service, ServiceAccount},
+        core::v1::{Node, Secret, Service, ServiceAccount},
         rbac::v1::ClusterRoleBinding,
     },
     apimachinery::pkg::apis::meta::v1::Time,
@@ -36,14 +36,16 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::json;
 
 use crate::{
-    conditions::{self, compute_status, DaemonSetState, Observation, ServiceMonitorState},
+    conditions::{
+        self, compute_status, DaemonSetState, Observation, ServiceMonitorState, TlsState,
+    },
     conflict::{self, Verdict},
     crd::{BioMonitor, BioMonitorStatus},
     error::{is_not_found, is_stale_write},
     leader::Fence,
     metrics::Metrics,
     names,
-    resources::{self, servicemonitor, ServiceMonitor},
+    resources::{self, certificate, servicemonitor, tls, Certificate, ServiceMonitor},
     settings::Settings,
     validate::validate_spec,
     Error, Result,
@@ -391,47 +393,84 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     };
     let ds_api: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
     let ds_name = names::child_name(&bm);
-
-    let (daemonset, service_monitor) = if invalid_spec.is_some() {
-        // Leave the last valid configuration running rather than tearing
-        // down monitoring over a typo; report what is there.
-        let ds = match ds_api.get_opt(&ds_name).await? {
+    let observe_daemonset = || async {
+        Ok::<_, Error>(match ds_api.get_opt(&ds_name).await? {
             Some(ds) => DaemonSetState::Observed {
                 generation: ds.metadata.generation,
                 status: ds.status,
             },
             None => DaemonSetState::Missing,
-        };
-        (ds, ServiceMonitorState::Unchanged)
+        })
+    };
+
+    let mut tls = TlsOutcome {
+        state: TlsState::Unchanged,
+        recheck: None,
+        in_place: false,
+    };
+    let (daemonset, service_monitor) = if invalid_spec.is_some() {
+        // Leave the last valid configuration running rather than tearing
+        // down monitoring over a typo; report what is there.
+        (observe_daemonset().await?, ServiceMonitorState::Unchanged)
     } else {
         let children = resources::desired(&bm, &ctx.settings)?;
         apply_namespaced(ctx, &namespace, &children.service_account).await?;
-        apply_cluster_role_binding(&bm, ctx, children.cluster_role_binding.as_ref()).await?;
+        apply_cluster_role_binding(
+            ctx,
+            names::cluster_role_binding_name(&bm),
+            children.cluster_role_binding.as_ref(),
+        )
+        .await?;
+        apply_cluster_role_binding(
+            ctx,
+            names::auth_cluster_role_binding_name(&bm),
+            children.auth_cluster_role_binding.as_ref(),
+        )
+        .await?;
         apply_namespaced(ctx, &namespace, &children.service).await?;
-        let sm = apply_service_monitor(&bm, ctx, children.service_monitor.as_ref()).await?;
+        tls = reconcile_tls(&bm, ctx, children.certificate.as_ref()).await?;
+        // Without the certificate the DaemonSet would not start and the
+        // ServiceMonitor would point at a missing CA: keep both as they are
+        // until it is there.
+        let sm = if tls.in_place {
+            apply_service_monitor(&bm, ctx, children.service_monitor.as_ref()).await?
+        } else {
+            ServiceMonitorState::Unchanged
+        };
         let ds = if let Some(message) = &node_conflict {
             delete_ignoring_missing(&ctx.fence, &ds_api, &ds_name).await?;
             DaemonSetState::NotRolledOut {
                 reason: conditions::reason::NODE_CONFLICT,
                 message: message.clone(),
             }
-        } else {
+        } else if tls.in_place {
             let ds = apply_namespaced(ctx, &namespace, &children.daemonset).await?;
             DaemonSetState::Observed {
                 generation: ds.metadata.generation,
                 status: ds.status,
             }
+        } else {
+            observe_daemonset().await?
         };
+        if tls.in_place && !tls_settled(&bm) {
+            // Only now that nothing points at them any more.
+            remove_unused_tls_objects(&bm, ctx).await?;
+        }
         (ds, sm)
     };
 
     let crd_missing = service_monitor == ServiceMonitorState::CrdNotInstalled;
+    let tls_waiting = matches!(
+        tls.state,
+        TlsState::CertManagerNotInstalled | TlsState::NotReady(_) | TlsState::Failed(_)
+    );
     let observation = Observation {
         generation,
         invalid_spec,
         node_conflict,
         daemonset,
         service_monitor,
+        tls: tls.state,
     };
     let now = Time(
         Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
@@ -449,30 +488,234 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         .await?;
     }
 
-    Ok(Action::requeue(if crd_missing {
-        // Nothing watches for the ServiceMonitor CRD to appear; poll for it.
+    // Nothing watches for missing CRDs to appear or for cert-manager to
+    // issue: poll for them.
+    let mut requeue = if crd_missing || tls_waiting {
         ctx.settings.crd_missing_retry
     } else {
         ctx.settings.resync_interval
-    }))
+    };
+    if let Some(recheck) = tls.recheck {
+        requeue = requeue.min(recheck);
+    }
+    Ok(Action::requeue(requeue))
 }
 
 async fn apply_cluster_role_binding(
-    bm: &BioMonitor,
     ctx: &Context,
+    name: String,
     desired: Option<&ClusterRoleBinding>,
 ) -> Result<()> {
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
     match desired {
         Some(crb) => {
             ctx.fence.check()?;
-            let name = crb.name_any();
             api.patch(&name, &apply_params(), &Patch::Apply(crb))
                 .await?;
         }
-        None => {
-            delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(bm)).await?
+        None => delete_ignoring_missing(&ctx.fence, &api, &name).await?,
+    }
+    Ok(())
+}
+
+/// What [`reconcile_tls`] found.
+struct TlsOutcome {
+    state: TlsState,
+    /// When a certificate falls due, if sooner than the periodic resync.
+    recheck: Option<Duration>,
+    /// The Secret the desired DaemonSet mounts holds a certificate (always
+    /// true without TLS).
+    in_place: bool,
+}
+
+/// True when the last status already describes this generation's TLS setup
+/// as working: then the objects of other TLS setups were removed already.
+fn tls_settled(bm: &BioMonitor) -> bool {
+    bm.status
+        .as_ref()
+        .and_then(|s| s.condition(conditions::TLS_READY))
+        .is_some_and(|c| c.status == "True" && c.observed_generation == bm.metadata.generation)
+}
+
+/// Makes sure the serving certificate the spec asks for exists.
+async fn reconcile_tls(
+    bm: &BioMonitor,
+    ctx: &Context,
+    certificate: Option<&Certificate>,
+) -> Result<TlsOutcome> {
+    let spec = &bm.spec.metrics_endpoint.tls;
+    if !spec.enabled {
+        return Ok(TlsOutcome {
+            state: TlsState::Disabled,
+            recheck: None,
+            in_place: true,
+        });
+    }
+    let result = match certificate {
+        Some(cert) => cert_manager_tls(bm, ctx, cert).await,
+        None => operator_tls(bm, ctx).await,
+    };
+    match result {
+        // RBAC or admission refusing a Secret or the Certificate will not
+        // fix itself on retry: say so on the condition.
+        Err(Error::Kube(kube::Error::Api(status))) => Ok(TlsOutcome {
+            state: TlsState::Failed(format!(
+                "writing the serving certificate failed: {} ({})",
+                status.message, status.reason
+            )),
+            recheck: None,
+            in_place: false,
+        }),
+        other => other,
+    }
+}
+
+/// The operator's own CA and serving certificate (see `resources::tls`).
+async fn operator_tls(bm: &BioMonitor, ctx: &Context) -> Result<TlsOutcome> {
+    let namespace = bm.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let ca = api.get_opt(&names::ca_secret_name(bm)).await?;
+    let serving = api.get_opt(&names::serving_secret_name(bm)).await?;
+    let now = Timestamp::now().as_second();
+    let plan = tls::plan(
+        ca.as_ref().and_then(|s| s.data.as_ref()),
+        serving.as_ref().and_then(|s| s.data.as_ref()),
+        &names::service_dns_names(bm, &ctx.settings.cluster_domain),
+        &format!("{namespace}/{}", bm.name_any()),
+        now,
+        &ctx.settings.cert_lifetimes,
+    )?;
+    if plan.decision.ca != tls::CaAction::Keep || plan.decision.serving != tls::ServingAction::Keep
+    {
+        tracing::info!(
+            biomonitor = %ObjectRef::from_obj(bm),
+            ca = ?plan.decision.ca,
+            serving = ?plan.decision.serving,
+            "issuing agent certificates"
+        );
+    }
+    let (ca_secret, serving_secret) = tls::secrets(bm, &plan)?;
+    // CA first: the serving Secret's bundle must never name a CA that is
+    // not stored.
+    for (desired, existing) in [(&ca_secret, &ca), (&serving_secret, &serving)] {
+        if existing.as_ref().and_then(|s| s.data.as_ref()) != desired.data.as_ref() {
+            apply_namespaced(ctx, &namespace, desired).await?;
         }
+    }
+    let until = Timestamp::from_second(plan.serving_validity.not_after)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let renew = Timestamp::from_second(plan.decision.recheck_at)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Ok(TlsOutcome {
+        state: TlsState::Issued(format!(
+            "serving certificate in Secret {} issued by the operator's CA (Secret {}), valid until {until}; next renewal check {renew}",
+            names::serving_secret_name(bm),
+            names::ca_secret_name(bm)
+        )),
+        recheck: Some(Duration::from_secs(
+            u64::try_from(plan.decision.recheck_at - now).unwrap_or(0).max(1),
+        )),
+        in_place: true,
+    })
+}
+
+/// cert-manager issues: apply the Certificate, wait for its Secret.
+async fn cert_manager_tls(
+    bm: &BioMonitor,
+    ctx: &Context,
+    cert: &Certificate,
+) -> Result<TlsOutcome> {
+    let namespace = bm.namespace().unwrap_or_default();
+    let secret_name = names::cert_manager_secret_name(bm);
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&secret_name)
+        .await?;
+    let has = |key: &str| {
+        secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(key))
+            .is_some_and(|v| !v.0.is_empty())
+    };
+    let in_place = has(tls::TLS_CERT_KEY) && has(tls::TLS_KEY_KEY);
+
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &namespace, &certificate::api_resource());
+    ctx.fence.check()?;
+    let cert_name = names::child_name(bm);
+    let applied = match api
+        .patch(&cert_name, &apply_params(), &Patch::Apply(cert))
+        .await
+    {
+        Ok(obj) => obj,
+        // 404 on apply: the resource type itself is unknown.
+        Err(e) if is_not_found(&e) => {
+            return Ok(TlsOutcome {
+                state: TlsState::CertManagerNotInstalled,
+                recheck: None,
+                in_place,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ready = applied.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready");
+    let ready_status = ready
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("Unknown");
+    let ready_message = ready
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or("no status from cert-manager yet");
+    let issuer = &cert.spec.issuer_ref;
+    let state = if !in_place || ready_status != "True" {
+        TlsState::NotReady(format!(
+            "cert-manager Certificate {cert_name} (issuer {} {}) is not ready: {ready_message}",
+            issuer.kind, issuer.name
+        ))
+    } else if !has(tls::TLS_CA_KEY) {
+        TlsState::NotReady(format!(
+            "Secret {secret_name} has no ca.crt: issuer {} {} does not publish its CA, so Prometheus cannot verify the agents (use a CA, self-signed or Vault issuer)",
+            issuer.kind, issuer.name
+        ))
+    } else {
+        TlsState::Issued(format!(
+            "serving certificate in Secret {secret_name} issued by cert-manager ({} {})",
+            issuer.kind, issuer.name
+        ))
+    };
+    Ok(TlsOutcome {
+        state,
+        recheck: None,
+        in_place,
+    })
+}
+
+/// Removes what other TLS setups left: the operator's Secrets when
+/// cert-manager issues or TLS is off, cert-manager's Certificate and Secret
+/// when the operator issues or TLS is off. Key material does not linger.
+async fn remove_unused_tls_objects(bm: &BioMonitor, ctx: &Context) -> Result<()> {
+    let namespace = bm.namespace().unwrap_or_default();
+    let tls = &bm.spec.metrics_endpoint.tls;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut unused = Vec::new();
+    if !tls.enabled || tls.issuer_ref.is_some() {
+        unused.push(names::ca_secret_name(bm));
+        unused.push(names::serving_secret_name(bm));
+    }
+    if !tls.enabled || tls.issuer_ref.is_none() {
+        unused.push(names::cert_manager_secret_name(bm));
+        let certs: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &namespace, &certificate::api_resource());
+        // 404 also when cert-manager is not installed at all.
+        delete_ignoring_missing(&ctx.fence, &certs, &names::child_name(bm)).await?;
+    }
+    for name in unused {
+        delete_ignoring_missing(&ctx.fence, &secrets, &name).await?;
     }
     Ok(())
 }
@@ -521,6 +764,12 @@ async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     // cluster-scoped binding needs deleting by hand.
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
     delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(&bm)).await?;
+    delete_ignoring_missing(
+        &ctx.fence,
+        &api,
+        &names::auth_cluster_role_binding_name(&bm),
+    )
+    .await?;
     // A monitor blocked by this one may now be rolled out.
     let _ = ctx.reconcile_all.unbounded_send(());
     tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "cleaned up cluster-scoped resources");
@@ -544,6 +793,10 @@ async fn publish_transition_events(
         (
             conditions::SERVICE_MONITOR_READY,
             conditions::reason::CRD_NOT_INSTALLED,
+        ),
+        (
+            conditions::TLS_READY,
+            conditions::reason::CERT_MANAGER_NOT_INSTALLED,
         ),
     ] {
         let now = reason_of(Some(new), type_);

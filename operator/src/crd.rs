@@ -84,6 +84,11 @@ pub struct BioMonitorSpec {
     /// The Prometheus Operator ServiceMonitor that scrapes the agents.
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+
+    /// Who may read the agents' /metrics, and over what: TLS and
+    /// Kubernetes (TokenReview/SubjectAccessReview) authentication.
+    #[serde(default)]
+    pub metrics_endpoint: MetricsEndpointSpec,
 }
 
 impl Default for BioMonitorSpec {
@@ -96,6 +101,7 @@ impl Default for BioMonitorSpec {
             persistent_volume_labels: true,
             agent: AgentSpec::default(),
             service_monitor: ServiceMonitorSpec::default(),
+            metrics_endpoint: MetricsEndpointSpec::default(),
         }
     }
 }
@@ -299,6 +305,121 @@ impl Default for ServiceMonitorSpec {
     }
 }
 
+/// How the agents' /metrics endpoint is protected. The default is plain
+/// HTTP open to anyone who can reach the pod, as before this field existed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        // A bearer token is a credential for the whole API server (for the
+        // default, Prometheus' own ServiceAccount token): never in clear text.
+        "rule": "!has(self.auth) || self.auth != 'kubernetes' || (has(self.tls) && has(self.tls.enabled) && self.tls.enabled)",
+        "message": "auth: kubernetes needs tls.enabled: true (Prometheus would send its bearer token in clear text)"
+    },
+    {
+        "rule": "!has(self.bearerTokenSecret) || (has(self.auth) && self.auth == 'kubernetes')",
+        "message": "bearerTokenSecret is only used with auth: kubernetes"
+    }
+]))]
+pub struct MetricsEndpointSpec {
+    /// Serve /metrics, /healthz and /readyz over TLS.
+    #[serde(default)]
+    pub tls: TlsSpec,
+
+    /// Who may read /metrics. `kubernetes`: a bearer token the API server
+    /// authenticates (TokenReview) and authorizes for `get` on the
+    /// non-resource URL /metrics (SubjectAccessReview). Needs TLS.
+    #[serde(default)]
+    pub auth: AuthMode,
+
+    /// Secret (in this BioMonitor's namespace) holding the bearer token the
+    /// ServiceMonitor makes Prometheus send. Empty: Prometheus' own
+    /// ServiceAccount token (`bearerTokenFile`), whose identity then needs the
+    /// chart's metrics-reader ClusterRole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret: Option<SecretKeyRef>,
+}
+
+impl MetricsEndpointSpec {
+    pub fn auth_enabled(&self) -> bool {
+        self.auth == AuthMode::Kubernetes
+    }
+}
+
+/// TLS for the agents' endpoints.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.issuerRef) || (has(self.enabled) && self.enabled)",
+    "message": "tls.issuerRef needs tls.enabled: true"
+}]))]
+pub struct TlsSpec {
+    /// Serve over TLS. The certificate comes from the operator's own CA,
+    /// or from cert-manager when `issuerRef` is set.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// A cert-manager Issuer or ClusterIssuer to issue the serving
+    /// certificate. It must put the CA into the Secret's `ca.crt` (the CA,
+    /// self-signed and Vault issuers do): Prometheus verifies with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// Reference to a cert-manager issuer, as in a cert-manager Certificate.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Name of the issuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// `Issuer` (in this BioMonitor's namespace), `ClusterIssuer`, or the
+    /// kind of an external issuer.
+    #[serde(default = "default_issuer_kind")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+
+    /// API group of the issuer.
+    #[serde(default = "default_issuer_group")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: String,
+}
+
+/// A key of a Secret in the BioMonitor's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// Key in the Secret whose value is the token.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Who may read /metrics.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone who can reach the pod.
+    #[default]
+    None,
+    /// A bearer token allowed `get` on the non-resource URL /metrics.
+    Kubernetes,
+}
+
+impl AuthMode {
+    /// The value the node-agent's `--auth` flag expects.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
 /// Observed state, written only by the operator.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -307,7 +428,7 @@ pub struct BioMonitorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Ready`, `DaemonSetReady` and `ServiceMonitorReady`.
+    /// `Ready`, `DaemonSetReady`, `ServiceMonitorReady` and `TLSReady`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -340,6 +461,14 @@ pub fn default_tolerations() -> Vec<Toleration> {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".into()
+}
+
+fn default_issuer_group() -> String {
+    "cert-manager.io".into()
 }
 
 fn default_port() -> i32 {

@@ -27,6 +27,9 @@ pub enum Error {
 
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+
+    #[error("agent certificates: {0}")]
+    Tls(#[from] crate::resources::tls::TlsError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -48,6 +51,7 @@ impl Error {
             Self::Timeout(_) => "timeout",
             Self::Config(_) => "config",
             Self::Io(_) => "io",
+            Self::Tls(_) => "tls",
         }
     }
 }

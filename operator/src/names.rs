@@ -44,6 +44,64 @@ pub fn cluster_role_binding_name(bm: &BioMonitor) -> String {
     )
 }
 
+/// Binding of the agent to the chart's auth ClusterRole (TokenReview and
+/// SubjectAccessReview), only for BioMonitors with `auth: kubernetes`.
+pub fn auth_cluster_role_binding_name(bm: &BioMonitor) -> String {
+    format!(
+        "bio-exporter-agent-auth:{}:{}",
+        bm.namespace().unwrap_or_default(),
+        bm.name_any()
+    )
+}
+
+/// The operator's own CA for this BioMonitor (the CA key lives only here).
+pub fn ca_secret_name(bm: &BioMonitor) -> String {
+    format!("{}-ca", child_name(bm))
+}
+
+/// Serving certificate issued by the operator: `tls.crt`, `tls.key`, `ca.crt`.
+pub fn serving_secret_name(bm: &BioMonitor) -> String {
+    format!("{}-tls", child_name(bm))
+}
+
+/// Serving certificate issued by cert-manager. A different name from the
+/// operator's own, so switching issuers never has two writers on one Secret.
+pub fn cert_manager_secret_name(bm: &BioMonitor) -> String {
+    format!("{}-cert-manager-tls", child_name(bm))
+}
+
+/// The Secret the agents serve from and Prometheus takes `ca.crt` from:
+/// cert-manager's when the BioMonitor names an issuer, else the operator's.
+pub fn tls_secret_name(bm: &BioMonitor) -> String {
+    if bm.spec.metrics_endpoint.tls.issuer_ref.is_some() {
+        cert_manager_secret_name(bm)
+    } else {
+        serving_secret_name(bm)
+    }
+}
+
+/// The names Prometheus may know the agents by: the Service's DNS names.
+/// The ServiceMonitor verifies against `<svc>.<ns>.svc`, whatever pod IP it scrapes.
+pub fn service_dns_names(bm: &BioMonitor, cluster_domain: &str) -> Vec<String> {
+    let svc = child_name(bm);
+    let ns = bm.namespace().unwrap_or_default();
+    vec![
+        svc.clone(),
+        format!("{svc}.{ns}"),
+        format!("{svc}.{ns}.svc"),
+        format!("{svc}.{ns}.svc.{cluster_domain}"),
+    ]
+}
+
+/// The name the ServiceMonitor checks the serving certificate against.
+pub fn tls_server_name(bm: &BioMonitor) -> String {
+    format!(
+        "{}.{}.svc",
+        child_name(bm),
+        bm.namespace().unwrap_or_default()
+    )
+}
+
 /// Labels the DaemonSet selects its pods by and the Service selects endpoints by.
 pub fn selector_labels(bm: &BioMonitor) -> BTreeMap<String, String> {
     BTreeMap::from([

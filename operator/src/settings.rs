@@ -20,6 +20,13 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Retry period while the ServiceMonitor CRD is missing.
     pub crd_missing_retry: Duration,
+    /// ClusterRole (shipped by the chart) allowing TokenReviews and
+    /// SubjectAccessReviews, bound only to agents with `auth: kubernetes`.
+    pub agent_auth_cluster_role: String,
+    /// DNS suffix of Services, for the serving certificate's names.
+    pub cluster_domain: String,
+    /// Lifetimes of the certificates the operator issues itself.
+    pub cert_lifetimes: crate::resources::tls::Lifetimes,
 }
 
 impl Default for Settings {
@@ -29,6 +36,9 @@ impl Default for Settings {
             agent_cluster_role: "bio-exporter-agent".into(),
             resync_interval: Duration::from_secs(300),
             crd_missing_retry: Duration::from_secs(60),
+            agent_auth_cluster_role: "bio-exporter-agent-auth".into(),
+            cluster_domain: "cluster.local".into(),
+            cert_lifetimes: crate::resources::tls::Lifetimes::default(),
         }
     }
 }

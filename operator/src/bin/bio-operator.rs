@@ -12,6 +12,7 @@ use bio_operator::{
     leader::{unique_identity, Fence, LeaderElector, LeaseConfig},
     metrics::Metrics,
     names,
+    resources::tls::Lifetimes,
     settings::{Settings, DEFAULT_AGENT_IMAGE},
     telemetry, Error, Result,
 };
@@ -90,6 +91,32 @@ struct Args {
     )]
     agent_cluster_role: String,
 
+    /// ClusterRole (installed by the chart) allowing TokenReviews and
+    /// SubjectAccessReviews; bound only to agents with `auth: kubernetes`.
+    #[arg(
+        long,
+        env = "BIO_OPERATOR_AGENT_AUTH_CLUSTER_ROLE",
+        default_value = "bio-exporter-agent-auth"
+    )]
+    agent_auth_cluster_role: String,
+
+    /// DNS domain of the cluster, for the names in agent serving certificates.
+    #[arg(
+        long,
+        env = "BIO_OPERATOR_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    cluster_domain: String,
+
+    /// Lifetime of the serving certificates the operator issues; renewed at 2/3 of it.
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    serving_cert_validity: Duration,
+
+    /// Lifetime of the per-BioMonitor CA the operator creates; replaced at
+    /// 4/5 of it (the old one stays trusted until it expires).
+    #[arg(long, default_value = "43800h", value_parser = parse_duration)]
+    ca_validity: Duration,
+
     /// Periodic full re-reconcile of every BioMonitor.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     resync_interval: Duration,
@@ -153,7 +180,18 @@ async fn run(args: Args) -> Result<()> {
         agent_cluster_role: args.agent_cluster_role.clone(),
         resync_interval: args.resync_interval,
         crd_missing_retry: args.crd_retry_interval,
+        agent_auth_cluster_role: args.agent_auth_cluster_role.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+        cert_lifetimes: Lifetimes {
+            ca: args.ca_validity,
+            serving: args.serving_cert_validity,
+        },
     };
+    if settings.cert_lifetimes.serving > settings.cert_lifetimes.ca {
+        return Err(Error::Config(
+            "--serving-cert-validity must not be longer than --ca-validity".into(),
+        ));
+    }
     let base_identity = args
         .leader_identity
         .clone()

@@ -8,7 +8,8 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
             HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-            ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+            ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+            VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -30,6 +31,9 @@ use crate::{
 pub const KUBELET_ROOT: &str = "/var/lib/kubelet";
 /// tracefs; classic tracepoint ids are read from here.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
+/// Where the serving certificate Secret is mounted. The kubelet updates a
+/// Secret volume by swapping a symlink; the agent follows it and reloads.
+pub const TLS_DIR: &str = "/etc/bio-exporter/tls";
 
 /// The node label every agent node must have: the agent is a Linux binary.
 const OS_LABEL: (&str, &str) = ("kubernetes.io/os", "linux");
@@ -37,7 +41,12 @@ const OS_LABEL: (&str, &str) = ("kubernetes.io/os", "linux");
 pub fn daemonset(bm: &BioMonitor, settings: &Settings) -> Result<DaemonSet> {
     let spec = &bm.spec;
     let selector = names::selector_labels(bm);
-    let (volumes, volume_mounts) = volumes(spec);
+    let (volumes, volume_mounts) = volumes(bm);
+    let probe_scheme = if spec.metrics_endpoint.tls.enabled {
+        "HTTPS"
+    } else {
+        "HTTP"
+    };
 
     let container = Container {
         name: names::AGENT_CONTAINER.into(),
@@ -68,8 +77,10 @@ pub fn daemonset(bm: &BioMonitor, settings: &Settings) -> Result<DaemonSet> {
         }]),
         // Ready only once BPF programs are attached, so a rollout stops on a
         // node where attaching fails instead of replacing every agent.
-        readiness_probe: Some(http_probe("/readyz", 5, 10)),
-        liveness_probe: Some(http_probe("/healthz", 10, 20)),
+        // The kubelet does not verify certificates of HTTPS probes, and
+        // /readyz and /healthz need no token.
+        readiness_probe: Some(http_probe("/readyz", probe_scheme, 5, 10)),
+        liveness_probe: Some(http_probe("/healthz", probe_scheme, 10, 20)),
         resources: Some(resources(&spec.agent)),
         security_context: Some(security_context(&spec.agent)),
         volume_mounts: (!volume_mounts.is_empty()).then_some(volume_mounts),
@@ -104,8 +115,11 @@ pub fn daemonset(bm: &BioMonitor, settings: &Settings) -> Result<DaemonSet> {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(names::child_name(bm)),
-                    // The token is only used to look up PersistentVolumes.
-                    automount_service_account_token: Some(spec.persistent_volume_labels),
+                    // The token is only used to look up PersistentVolumes
+                    // and to send TokenReviews/SubjectAccessReviews.
+                    automount_service_account_token: Some(
+                        spec.persistent_volume_labels || spec.metrics_endpoint.auth_enabled(),
+                    ),
                     // Service links add env vars for every Service in the
                     // namespace; the agent reads none of them.
                     enable_service_links: Some(false),
@@ -147,6 +161,19 @@ pub fn agent_args(spec: &BioMonitorSpec) -> Vec<String> {
     args.push(format!("--log-level={}", spec.agent.log_level.as_arg()));
     args.push(format!("--kubelet-root={KUBELET_ROOT}"));
     args.push(format!("--pv-labels={}", spec.persistent_volume_labels));
+    if spec.metrics_endpoint.tls.enabled {
+        args.push(format!(
+            "--tls-cert-file={TLS_DIR}/{}",
+            super::tls::TLS_CERT_KEY
+        ));
+        args.push(format!(
+            "--tls-key-file={TLS_DIR}/{}",
+            super::tls::TLS_KEY_KEY
+        ));
+    }
+    if spec.metrics_endpoint.auth_enabled() {
+        args.push(format!("--auth={}", spec.metrics_endpoint.auth.as_arg()));
+    }
     args
 }
 
@@ -205,8 +232,10 @@ pub fn security_context(agent: &AgentSpec) -> SecurityContext {
 }
 
 /// Host paths the agent needs, and nothing else: /sys (BTF, the block
-/// devices) is already readable in the container.
-pub fn volumes(spec: &BioMonitorSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
+/// devices) is already readable in the container. Plus the serving
+/// certificate with TLS.
+pub fn volumes(bm: &BioMonitor) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let spec = &bm.spec;
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     if spec.attach.needs_tracefs() {
@@ -230,6 +259,24 @@ pub fn volumes(spec: &BioMonitorSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         });
     }
+    if spec.metrics_endpoint.tls.enabled {
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names::tls_secret_name(bm)),
+                // Readable by the agent (uid 0) only.
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     (volumes, mounts)
 }
 
@@ -244,12 +291,12 @@ fn host_path_volume(name: &str, path: &str) -> Volume {
     }
 }
 
-fn http_probe(path: &str, initial_delay: i32, period: i32) -> Probe {
+fn http_probe(path: &str, scheme: &str, initial_delay: i32, period: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String(names::METRICS_PORT_NAME.into()),
-            scheme: Some("HTTP".into()),
+            scheme: Some(scheme.into()),
             ..HTTPGetAction::default()
         }),
         initial_delay_seconds: Some(initial_delay),
@@ -286,7 +333,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        crd::{AttachMode, BioMonitorSpec, DeviceFilter, LogLevel, PullPolicy},
+        crd::{AttachMode, AuthMode, BioMonitorSpec, DeviceFilter, LogLevel, PullPolicy},
         resources::test_support::monitor,
     };
 
@@ -406,6 +453,67 @@ mod tests {
         assert!(container(&ds).volume_mounts.is_none());
         assert!(pod_spec(&ds).volumes.is_none());
         assert_eq!(pod_spec(&ds).automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn tls_and_auth_mount_the_serving_secret_and_pass_the_flags() {
+        let mut spec = BioMonitorSpec {
+            attach: AttachMode::TpBtf,
+            persistent_volume_labels: false,
+            ..BioMonitorSpec::default()
+        };
+        spec.metrics_endpoint.tls.enabled = true;
+        spec.metrics_endpoint.auth = AuthMode::Kubernetes;
+        let ds = build(spec.clone());
+        let args = container(&ds).args.clone().unwrap();
+        assert!(args.ends_with(&[
+            "--tls-cert-file=/etc/bio-exporter/tls/tls.crt".to_string(),
+            "--tls-key-file=/etc/bio-exporter/tls/tls.key".to_string(),
+            "--auth=kubernetes".to_string(),
+        ]));
+        let vol = &pod_spec(&ds).volumes.as_ref().unwrap()[0];
+        let secret = vol.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("disks-agent-tls"));
+        assert_eq!(secret.default_mode, Some(0o400));
+        assert_eq!(mount_paths(&ds), [TLS_DIR]);
+        // Auth needs the token even without PV labels.
+        assert_eq!(pod_spec(&ds).automount_service_account_token, Some(true));
+        for probe in [
+            &container(&ds).readiness_probe,
+            &container(&ds).liveness_probe,
+        ] {
+            let get = probe.clone().unwrap().http_get.unwrap();
+            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+        }
+
+        // cert-manager's Secret instead of the operator's.
+        spec.metrics_endpoint.tls.issuer_ref = Some(crate::crd::IssuerRef {
+            name: "ca".into(),
+            kind: "Issuer".into(),
+            group: "cert-manager.io".into(),
+        });
+        let ds = build(spec);
+        let vol = &pod_spec(&ds).volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            vol.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("disks-agent-cert-manager-tls")
+        );
+    }
+
+    #[test]
+    fn plain_http_probes_and_no_tls_flags_by_default() {
+        let ds = build(BioMonitorSpec::default());
+        let args = container(&ds).args.clone().unwrap();
+        assert!(!args
+            .iter()
+            .any(|a| a.starts_with("--tls") || a.starts_with("--auth")));
+        let get = container(&ds)
+            .readiness_probe
+            .clone()
+            .unwrap()
+            .http_get
+            .unwrap();
+        assert_eq!(get.scheme.as_deref(), Some("HTTP"));
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! cluster should contain out. No I/O here, so everything the operator would
 //! write can be asserted on in unit tests.
 
+pub mod certificate;
 pub mod daemonset;
 pub mod rbac;
 pub mod service;
 pub mod servicemonitor;
+pub mod tls;
 
 use k8s_openapi::{
     api::{
@@ -19,6 +21,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::{crd::BioMonitor, names, settings::Settings, Error, Result};
 
+pub use certificate::Certificate;
 pub use servicemonitor::ServiceMonitor;
 
 /// Everything one BioMonitor should own. `None` means "should not exist".
@@ -26,9 +29,13 @@ pub use servicemonitor::ServiceMonitor;
 pub struct Children {
     pub service_account: ServiceAccount,
     pub cluster_role_binding: Option<ClusterRoleBinding>,
+    pub auth_cluster_role_binding: Option<ClusterRoleBinding>,
     pub daemonset: DaemonSet,
     pub service: Service,
     pub service_monitor: Option<ServiceMonitor>,
+    /// cert-manager Certificate (TLS with an issuerRef only). The operator's
+    /// own certificates are not pure; see [`tls::plan`].
+    pub certificate: Option<Certificate>,
 }
 
 /// The desired children of `bm`. Fails only on objects the API server would
@@ -37,9 +44,11 @@ pub fn desired(bm: &BioMonitor, settings: &Settings) -> Result<Children> {
     Ok(Children {
         service_account: rbac::service_account(bm)?,
         cluster_role_binding: rbac::cluster_role_binding(bm, settings)?,
+        auth_cluster_role_binding: rbac::auth_cluster_role_binding(bm, settings)?,
         daemonset: daemonset::daemonset(bm, settings)?,
         service: service::service(bm)?,
         service_monitor: servicemonitor::service_monitor(bm)?,
+        certificate: certificate::certificate(bm, settings)?,
     })
 }
 

@@ -59,7 +59,48 @@ pub struct Endpoint {
     pub interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrape_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_config: Option<TlsConfig>,
+    /// Deprecated by the Prometheus Operator in favour of `authorization`,
+    /// which cannot name a file; still the only way to send Prometheus' own
+    /// ServiceAccount token (as kube-prometheus does for the kubelet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
 }
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsConfig {
+    pub ca: SecretOrConfigMap,
+    /// Prometheus scrapes pod IPs; the certificate names the Service.
+    pub server_name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretOrConfigMap {
+    pub secret: SecretKeySelector,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySelector {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Authorization {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub credentials: SecretKeySelector,
+}
+
+/// Inside the Prometheus container: its own ServiceAccount token.
+pub const PROMETHEUS_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// `None` when the BioMonitor disables its ServiceMonitor.
 pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
@@ -67,6 +108,7 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
     if !sm.enabled {
         return Ok(None);
     }
+    let endpoint = &bm.spec.metrics_endpoint;
     let mut metadata = child_meta(bm, names::child_name(bm))?;
     // User labels first, so they can never replace the operator's own.
     let mut labels: BTreeMap<String, String> = sm.labels.clone();
@@ -88,7 +130,12 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
             endpoints: vec![Endpoint {
                 port: names::METRICS_PORT_NAME.into(),
                 path: "/metrics".into(),
-                scheme: "http".into(),
+                scheme: if endpoint.tls.enabled {
+                    "https"
+                } else {
+                    "http"
+                }
+                .into(),
                 // The agent labels series with `namespace` and `node` of the
                 // volume's consumer; without honorLabels Prometheus would
                 // rename them exported_namespace/exported_node and overwrite
@@ -96,6 +143,29 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
                 honor_labels: true,
                 interval: sm.interval.clone(),
                 scrape_timeout: sm.scrape_timeout.clone(),
+                tls_config: endpoint.tls.enabled.then(|| TlsConfig {
+                    ca: SecretOrConfigMap {
+                        secret: SecretKeySelector {
+                            name: names::tls_secret_name(bm),
+                            key: super::tls::TLS_CA_KEY.into(),
+                        },
+                    },
+                    server_name: names::tls_server_name(bm),
+                }),
+                bearer_token_file: (endpoint.auth_enabled()
+                    && endpoint.bearer_token_secret.is_none())
+                .then(|| PROMETHEUS_TOKEN_FILE.into()),
+                authorization: endpoint
+                    .bearer_token_secret
+                    .as_ref()
+                    .filter(|_| endpoint.auth_enabled())
+                    .map(|s| Authorization {
+                        type_: "Bearer".into(),
+                        credentials: SecretKeySelector {
+                            name: s.name.clone(),
+                            key: s.key.clone(),
+                        },
+                    }),
             }],
         },
     }))
@@ -104,7 +174,10 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{crd::BioMonitorSpec, resources::test_support::monitor};
+    use crate::{
+        crd::{AuthMode, BioMonitorSpec, IssuerRef, SecretKeyRef},
+        resources::test_support::monitor,
+    };
 
     #[test]
     fn selects_the_agent_service_port_and_honors_labels() {
@@ -135,6 +208,72 @@ mod tests {
         let json = serde_json::to_value(&sm).unwrap();
         assert_eq!(json["spec"]["endpoints"][0]["honorLabels"], true);
         assert!(json["spec"]["endpoints"][0].get("scrapeTimeout").is_none());
+    }
+
+    #[test]
+    fn plain_http_without_tls_or_auth() {
+        let sm = service_monitor(&monitor("disks", BioMonitorSpec::default()))
+            .unwrap()
+            .unwrap();
+        let json = serde_json::to_value(&sm.spec.endpoints[0]).unwrap();
+        assert_eq!(json["scheme"], "http");
+        for absent in ["tlsConfig", "bearerTokenFile", "authorization"] {
+            assert!(json.get(absent).is_none(), "{absent}: {json}");
+        }
+    }
+
+    fn secured(issuer: bool, token_secret: bool) -> serde_json::Value {
+        let mut spec = BioMonitorSpec::default();
+        let ep = &mut spec.metrics_endpoint;
+        ep.tls.enabled = true;
+        ep.auth = AuthMode::Kubernetes;
+        if issuer {
+            ep.tls.issuer_ref = Some(IssuerRef {
+                name: "ca-issuer".into(),
+                kind: "ClusterIssuer".into(),
+                group: "cert-manager.io".into(),
+            });
+        }
+        if token_secret {
+            ep.bearer_token_secret = Some(SecretKeyRef {
+                name: "prom-token".into(),
+                key: "token".into(),
+            });
+        }
+        let sm = service_monitor(&monitor("disks", spec)).unwrap().unwrap();
+        serde_json::to_value(&sm.spec.endpoints[0]).unwrap()
+    }
+
+    #[test]
+    fn tls_and_auth_with_prometheus_own_token() {
+        let ep = secured(false, false);
+        assert_eq!(ep["scheme"], "https");
+        assert_eq!(
+            ep["tlsConfig"],
+            serde_json::json!({
+                "ca": {"secret": {"name": "disks-agent-tls", "key": "ca.crt"}},
+                "serverName": "disks-agent.monitoring.svc"
+            })
+        );
+        assert_eq!(
+            ep["bearerTokenFile"],
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        );
+        assert!(ep.get("authorization").is_none());
+    }
+
+    #[test]
+    fn token_from_a_secret_and_ca_from_cert_manager() {
+        let ep = secured(true, true);
+        assert_eq!(
+            ep["tlsConfig"]["ca"]["secret"]["name"],
+            "disks-agent-cert-manager-tls"
+        );
+        assert_eq!(
+            ep["authorization"],
+            serde_json::json!({"type": "Bearer", "credentials": {"name": "prom-token", "key": "token"}})
+        );
+        assert!(ep.get("bearerTokenFile").is_none());
     }
 
     #[test]
