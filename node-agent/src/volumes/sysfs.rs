@@ -272,6 +272,22 @@ mod tests {
             prop_assert!(got.is_none() || name == "sda");
         }
 
+        /// Slave links pointing anywhere (up past the root, at themselves, at files, nowhere)
+        /// end the walk without a panic, and the device still stands for itself.
+        #[test]
+        fn hostile_slave_links_never_panic(targets in proptest::collection::vec("(\\.\\./|[a-z0-9:-]{1,4}/|/){0,12}[a-z0-9:.-]{0,6}", 0..6)) {
+            let sys = FakeSys::new();
+            sys.disk("sda", d(8, 0));
+            // The kernel refuses an empty link target; everything else is fair game.
+            for (i, t) in targets.iter().filter(|t| !t.is_empty()).enumerate() {
+                let link = sys.root().join(format!("devices/virtual/block/sda/slaves/s{i}"));
+                std::os::unix::fs::symlink(t, link).unwrap();
+            }
+            let s = sys.sysfs().stack(d(8, 0));
+            prop_assert!(s.measured.contains(&d(8, 0)));
+            let _ = sys.sysfs().has_unknown_users(d(8, 0), &HashSet::new());
+        }
+
         #[test]
         fn hostile_dev_files_never_panic(text in "\\PC{0,30}") {
             let sys = FakeSys::new();
