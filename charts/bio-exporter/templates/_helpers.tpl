@@ -46,6 +46,11 @@ app.kubernetes.io/component: operator
 {{- printf "%s-agent" (include "bio-exporter.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The ClusterRole agents with auth=kubernetes are bound to (TokenReview, SubjectAccessReview). */}}
+{{- define "bio-exporter.agentAuthClusterRole" -}}
+{{- printf "%s-agent-auth" (include "bio-exporter.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "bio-exporter.operatorImage" -}}
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
