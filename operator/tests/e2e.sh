@@ -24,6 +24,14 @@
 #     mounts, ports, selectors, owner references); 3/3 nodes Ready;
 #     CRDNotInstalled then Ready once the CRD appears; InvalidSpec; rolling a
 #     spec change; NodeConflict; deletion (finalizer, garbage collection);
+#   * secured /metrics: TLS + auth=kubernetes with the operator's own CA (the
+#     real ServiceMonitor schema accepts the endpoint, SANs checked with
+#     openssl, the real node-agent serving the Secret's certificate on
+#     127.0.0.1 and checking tokens against this API server as the agent's
+#     ServiceAccount), the auth ClusterRoleBinding following the spec, then
+#     cert-manager: CertManagerNotInstalled, the real Certificate CRD (from
+#     cert-manager's Go module) accepting the operator's Certificate, and the
+#     switch once "cert-manager" (this script) has issued;
 #   * two replicas: SIGSTOP the leader past its lease, the other takes over,
 #     the resumed one stands down and writes nothing.
 set -euo pipefail
@@ -45,6 +53,14 @@ PROM_OP_MODULE=github.com/prometheus-operator/prometheus-operator
 PROM_OP_VERSION=v0.85.0
 PROM_OP_SUM='h1:M5xLCLEoaW2IJfnuCwFzzpL+jSVQu3KGT84Pye+fW8s='
 PROM_OP_SM_CRD=example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
+# The real cert-manager Certificate CRD, the same way.
+CM_CRD=certificates.cert-manager.io
+CM_MODULE=github.com/cert-manager/cert-manager
+CM_VERSION=v1.21.2
+CM_SUM='h1:UWgoYM+KLNtRlqmoWOKjKBOBUPVHeepQ6/ac3ERJW68='
+CM_CRD_PATH=deploy/crds/cert-manager.io_certificates.yaml
+# The node-agent binary for the TLS/auth check (runs on 127.0.0.1, as root).
+AGENT_BIN="${BIO_AGENT_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/node-agent}"
 # Leader election, shorter than the defaults (15s/10s/2s) to keep the run short.
 LEASE_ARGS=(--lease-duration 12s --renew-deadline 8s --retry-period 1s)
 PASS=0 FAIL=0
@@ -55,7 +71,7 @@ log() { echo "e2e [$((SECONDS - T_START))s]: $*" >&2; }
 ok() { PASS=$((PASS + 1)); log "ok: $*"; }
 bad() { FAIL=$((FAIL + 1)); log "FAIL: $*"; }
 
-OWN_CLUSTER=0 CREATED_SM_CRD=0 SUMMARY_PRINTED=0
+OWN_CLUSTER=0 CREATED_SM_CRD=0 CREATED_CM_CRD=0 SUMMARY_PRINTED=0
 if [[ -n "${1:-}" ]]; then
   W="$1"
 else
@@ -81,6 +97,7 @@ cleanup() {
     # Helm keeps CRDs; this run created them, so it removes them.
     KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd "$BM_CRD" >/dev/null 2>&1 || true
     if ((CREATED_SM_CRD)); then KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd "$SM_CRD" >/dev/null 2>&1 || true; fi
+    if ((CREATED_CM_CRD)); then KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete crd "$CM_CRD" >/dev/null 2>&1 || true; fi
   fi
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -188,7 +205,7 @@ pyck() {
 }
 
 # ------------------------------------------------------------------ setup --
-for crd in "$SM_CRD" "$BM_CRD"; do
+for crd in "$SM_CRD" "$BM_CRD" "$CM_CRD"; do
   if k get crd "$crd" >/dev/null 2>&1; then
     log "this test needs a cluster without the CRD $crd"
     SUMMARY_PRINTED=1
@@ -196,17 +213,26 @@ for crd in "$SM_CRD" "$BM_CRD"; do
   fi
 done
 
-log "fetching the ServiceMonitor CRD from Go module $PROM_OP_MODULE@$PROM_OP_VERSION"
-dl="$(cd / && GOTOOLCHAIN=local GOFLAGS=-mod=mod GOWORK=off go mod download -json "$PROM_OP_MODULE@$PROM_OP_VERSION")"
-SM_CRD_FILE="$(python3 -c '
+# module_file MODULE VERSION SUM PATH: PATH inside the module, downloaded
+# (or found in the module cache) and checked against SUM.
+module_file() {
+  local dl
+  dl="$(cd / && GOTOOLCHAIN=local GOFLAGS=-mod=mod GOWORK=off go mod download -json "$1@$2")"
+  python3 -c '
 import json, os, sys
 d = json.load(sys.stdin)
 if d.get("Error"): sys.exit("go mod download: " + d["Error"])
 if d.get("Sum") != sys.argv[1]: sys.exit("module sum %s, want %s" % (d.get("Sum"), sys.argv[1]))
 path = os.path.join(d["Dir"], sys.argv[2])
 if not os.path.isfile(path): sys.exit(path + " missing")
-print(path)' "$PROM_OP_SUM" "$PROM_OP_SM_CRD" <<<"$dl")"
+print(path)' "$3" "$4" <<<"$dl"
+}
+log "fetching the ServiceMonitor CRD from Go module $PROM_OP_MODULE@$PROM_OP_VERSION"
+SM_CRD_FILE="$(module_file "$PROM_OP_MODULE" "$PROM_OP_VERSION" "$PROM_OP_SUM" "$PROM_OP_SM_CRD")"
 ok "real ServiceMonitor CRD from the module cache ($PROM_OP_VERSION, sum verified)"
+log "fetching the Certificate CRD from Go module $CM_MODULE@$CM_VERSION"
+CM_CRD_FILE="$(module_file "$CM_MODULE" "$CM_VERSION" "$CM_SUM" "$CM_CRD_PATH")"
+ok "real cert-manager Certificate CRD from the module cache ($CM_VERSION, sum verified)"
 
 log "nodes: 3 fake nodes labelled bio-e2e=yes, one of them pool=db"
 "$CLUSTER/add-nodes.sh" "$W" 3 bio-e2e >&2
@@ -230,7 +256,8 @@ for v in crd["spec"]["versions"]:
     del v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["agent"]["properties"]["priorityClassName"]
 json.dump(crd, sys.stdout, indent=1)' >"$OLD_CHART/crds/$BM_CRD.yaml"
 
-HELM_ARGS=(-n "$SYS_NS" --set agentNamespace.create=true --set agentNamespace.name="$AGENT_NS" --set operator.replicaCount=0)
+HELM_ARGS=(-n "$SYS_NS" --set agentNamespace.create=true --set agentNamespace.name="$AGENT_NS" --set operator.replicaCount=0
+  --set-json "metricsReader.serviceAccounts=[{\"name\":\"prometheus\",\"namespace\":\"$AGENT_NS\"}]")
 expect "helm (v4) lint --strict" "$HELM" lint --strict "$ROOT/charts/bio-exporter"
 log "helm (v4) install of the old chart (agent namespace created and labelled by the chart)"
 "$HELM" install "$RELEASE" "$OLD_CHART" --create-namespace "${HELM_ARGS[@]}" >>"$OUT/helm.log"
@@ -260,7 +287,8 @@ fi
 start_operator() { # NAME PORT
   KUBECONFIG="$OUT/operator.kubeconfig" "$BIO_OPERATOR_BIN" \
     --lease-namespace "$SYS_NS" --lease-name "$FULL-leader" "${LEASE_ARGS[@]}" \
-    --agent-cluster-role "$FULL-agent" --agent-image example.invalid/node-agent:e2e \
+    --agent-cluster-role "$FULL-agent" --agent-auth-cluster-role "$FULL-agent-auth" \
+    --agent-image example.invalid/node-agent:e2e \
     --metrics-addr "127.0.0.1:$2" --leader-identity "$1" \
     --crd-retry-interval 5s --resync-interval 30s \
     --log-level info,bio_operator=debug --log-format json \
@@ -309,6 +337,10 @@ rejects disks '{attach: fentry}' 'Unsupported value'
 rejects disks '{serviceMonitor: {interval: 5 minutes}}' 'should match'
 rejects disks '{agent: {logLevel: verbose}}' 'Unsupported value'
 rejects disks '{devices: {include: 42}}' 'must be of type array'
+rejects disks '{metricsEndpoint: {auth: kubernetes}}' 'auth: kubernetes needs tls.enabled: true'
+rejects disks '{metricsEndpoint: {tls: {issuerRef: {name: ca}}}}' 'tls.issuerRef needs tls.enabled: true'
+rejects disks '{metricsEndpoint: {tls: {enabled: true}, bearerTokenSecret: {name: t, key: token}}}' 'bearerTokenSecret is only used with auth: kubernetes'
+rejects disks '{metricsEndpoint: {auth: basic}}' 'Unsupported value'
 
 # ------------------------------------------------- reconcile & children ----
 k apply -f - >/dev/null <<EOF
@@ -420,6 +452,151 @@ pyck "ServiceMonitor interval/scrapeTimeout accepted by the real schema" sm '(o[
 k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"persistentVolumeLabels":false}}' >/dev/null
 wait_for 30 "ClusterRoleBinding removed without PV labels" gone clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks"
 wait_for 30 "no token and no kubelet mount without PV labels" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and [v[\"hostPath\"][\"path\"] for v in p[\"volumes\"]] == [\"/sys/kernel/tracing\"] else 1)'"
+
+# -------------------------------------------------------- secured /metrics --
+log "secured /metrics: TLS + auth=kubernetes, certificates from the operator"
+k apply -f - >/dev/null <<EOF
+apiVersion: bioexporter.io/v1alpha1
+kind: BioMonitor
+metadata: {name: secure, namespace: $AGENT_NS}
+spec:
+  nodeSelector: {bio-e2e-secure: "yes"}
+  persistentVolumeLabels: false
+  attach: tp_btf
+  metricsEndpoint: {tls: {enabled: true}, auth: kubernetes}
+EOF
+SECURE_DNS="secure-agent.$AGENT_NS.svc"
+export SECURE_DNS UID_SECURE
+wait_for 30 "secure: TLSReady=True/Issued" cond_is "$AGENT_NS" secure TLSReady True/Issued
+UID_SECURE="$(k get biomonitor -n "$AGENT_NS" secure -o jsonpath='{.metadata.uid}')"
+wait_for 30 "secure: ServiceMonitor applied (real schema accepts https, tlsConfig, bearerTokenFile)" cond_is "$AGENT_NS" secure ServiceMonitorReady True/Applied
+save sm-secure servicemonitor -n "$AGENT_NS" secure-agent
+pyck "ServiceMonitor: https, CA from the serving Secret, serverName = Service DNS name, Prometheus' own token" sm-secure '
+[{k: e.get(k) for k in ("scheme", "tlsConfig", "bearerTokenFile", "authorization")} for e in o["spec"]["endpoints"]] == [{
+  "scheme": "https",
+  "tlsConfig": {"ca": {"secret": {"name": "secure-agent-tls", "key": "ca.crt"}}, "serverName": E["SECURE_DNS"]},
+  "bearerTokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token", "authorization": None}]'
+save ds-secure ds -n "$AGENT_NS" secure-agent
+pyck "DaemonSet: --tls-cert-file/--tls-key-file from the mounted Secret, --auth=kubernetes" ds-secure '
+{"--tls-cert-file=/etc/bio-exporter/tls/tls.crt", "--tls-key-file=/etc/bio-exporter/tls/tls.key", "--auth=kubernetes"} <= set(ctr(o)["args"])'
+pyck "DaemonSet: serving Secret volume (mode 0400) mounted read-only, nothing else" ds-secure '
+pod(o)["volumes"] == [{"name": "tls", "secret": {"secretName": "secure-agent-tls", "defaultMode": 0o400}}] and
+ctr(o)["volumeMounts"] == [{"name": "tls", "mountPath": "/etc/bio-exporter/tls", "readOnly": True}]'
+pyck "DaemonSet: token mounted for TokenReviews (auth on, PV labels off); HTTPS probes" ds-secure '
+pod(o)["automountServiceAccountToken"] is True and ctr(o)["readinessProbe"]["httpGet"]["scheme"] == ctr(o)["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"'
+save crb-auth clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:secure"
+pyck "auth ClusterRoleBinding: the chart's agent-auth role to secure-agent" crb-auth '
+o["roleRef"]["name"] == E["FULL"] + "-agent-auth" and o["subjects"] == [{"kind": "ServiceAccount", "name": "secure-agent", "namespace": E["AGENT_NS"]}]'
+expect "no auth ClusterRoleBinding for disks (auth off)" gone clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:disks"
+expect "no PV ClusterRoleBinding for secure (PV labels off)" gone clusterrolebinding "bio-exporter-agent:$AGENT_NS:secure"
+
+# The Secrets, read with openssl.
+TLS="$OUT/tls" && rm -rf "$TLS" && mkdir -p "$TLS"
+for key in tls.crt tls.key ca.crt; do
+  k get secret -n "$AGENT_NS" secure-agent-tls -o jsonpath="{.data.${key//./\\.}}" | base64 -d >"$TLS/$key"
+done
+k get secret -n "$AGENT_NS" secure-agent-ca -o jsonpath='{.data.ca\.crt}' | base64 -d >"$TLS/ca-secret.crt"
+expect "serving Secret is kubernetes.io/tls, owned by the BioMonitor, no CA key in it" bash -c "
+  [[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get secret -n $AGENT_NS secure-agent-tls -o jsonpath='{.type} {.metadata.ownerReferences[0].name} {.data.ca\\.key}') == 'kubernetes.io/tls secure ' ]]"
+expect "CA Secret holds the CA key" bash -c "[[ -n \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get secret -n $AGENT_NS secure-agent-ca -o jsonpath='{.data.ca\\.key}') ]]"
+sans="$(openssl x509 -in "$TLS/tls.crt" -noout -ext subjectAltName 2>&1 | tail -n +2 | tr -d ' ')"
+[[ "$sans" == "DNS:secure-agent,DNS:secure-agent.$AGENT_NS,DNS:$SECURE_DNS,DNS:$SECURE_DNS.cluster.local" ]] && ok "serving certificate SANs are the Service's DNS names" || bad "serving certificate SANs: $sans"
+expect "serving certificate verifies against ca.crt (openssl verify)" openssl verify -CAfile "$TLS/ca.crt" -purpose sslserver "$TLS/tls.crt"
+expect "ca.crt bundle = the CA Secret's certificate, a CA" bash -c "cmp -s '$TLS/ca.crt' '$TLS/ca-secret.crt' && openssl x509 -in '$TLS/ca.crt' -noout -ext basicConstraints | grep -q 'CA:TRUE'"
+expect "tls.key is the key of tls.crt" bash -c "[[ \$(openssl x509 -in '$TLS/tls.crt' -noout -pubkey) == \$(openssl pkey -in '$TLS/tls.key' -pubout) ]]"
+
+# The real agent with that certificate, authenticating scrapers against this
+# API server as secure-agent (its rights come from the operator's binding).
+if [[ $EUID -ne 0 ]]; then
+  log "SKIPPED LOUDLY: the node-agent TLS/auth check needs root (BPF)"
+elif [[ ! -x "$AGENT_BIN" ]]; then
+  bad "node-agent binary $AGENT_BIN missing (cargo build -p node-agent, or set BIO_AGENT_BIN)"
+else
+  for sa in prometheus nobody; do
+    k create serviceaccount -n "$AGENT_NS" "$sa" --dry-run=client -o yaml | k apply -f - >/dev/null
+  done
+  "$CLUSTER/sa-kubeconfig.sh" "$W" "$AGENT_NS" secure-agent "$OUT/secure-agent.kubeconfig" >/dev/null
+  PROM_TOKEN="$(k create token -n "$AGENT_NS" prometheus)"
+  NOBODY_TOKEN="$(k create token -n "$AGENT_NS" nobody)"
+  AGENT_PORT="$(free_port)"
+  KUBECONFIG="$OUT/secure-agent.kubeconfig" "$AGENT_BIN" --listen "127.0.0.1:$AGENT_PORT" --node-name e2e \
+    --attach tp_btf --tls-cert-file "$TLS/tls.crt" --tls-key-file "$TLS/tls.key" --auth kubernetes \
+    >"$OUT/agent.log" 2>&1 &
+  AGENT_PID=$!
+  PIDS+=("$AGENT_PID")
+  # scrape [curl args...] -> HTTP status (000 when TLS fails), via the Service's name.
+  scrape() {
+    curl -sS -o "$OUT/scrape.out" -w '%{http_code}' --noproxy '*' --max-time 10 \
+      --resolve "$SECURE_DNS:$AGENT_PORT:127.0.0.1" "$@" "https://$SECURE_DNS:$AGENT_PORT/metrics" 2>"$OUT/scrape.err"
+  }
+  agent_ready() { curl -fsS --noproxy '*' --max-time 2 --cacert "$TLS/ca.crt" --resolve "$SECURE_DNS:$AGENT_PORT:127.0.0.1" "https://$SECURE_DNS:$AGENT_PORT/readyz"; }
+  if wait_for 60 "node-agent serves the Secret's certificate, /readyz open without a token" agent_ready; then
+    code="$(scrape --cacert "$TLS/ca.crt" -H "Authorization: Bearer $PROM_TOKEN" || true)"
+    [[ "$code" == 200 ]] && grep -q '^# TYPE ebpf_bio_req_latency histogram' "$OUT/scrape.out" \
+      && ok "scrape with ca.crt + a token allowed GET /metrics (chart's metrics-reader binding): 200" \
+      || bad "scrape with ca.crt + token: $code $(head -c 300 "$OUT/scrape.out") $(cat "$OUT/scrape.err")"
+    code="$(scrape -H "Authorization: Bearer $PROM_TOKEN" || true)"
+    [[ "$code" == 000 ]] && grep -qi 'certificate' "$OUT/scrape.err" && ok "scrape without the CA fails certificate verification" || bad "scrape without the CA: $code $(cat "$OUT/scrape.err")"
+    code="$(curl -sS -o /dev/null -w '%{http_code}' --noproxy '*' --max-time 10 --cacert "$TLS/ca.crt" \
+      --resolve "other.$AGENT_NS.svc:$AGENT_PORT:127.0.0.1" "https://other.$AGENT_NS.svc:$AGENT_PORT/metrics" 2>"$OUT/scrape.err" || true)"
+    [[ "$code" == 000 ]] && ok "a name outside the certificate fails verification" || bad "wrong server name: $code"
+    code="$(scrape --cacert "$TLS/ca.crt" || true)"
+    [[ "$code" == 401 ]] && ok "no token: 401" || bad "no token: $code"
+    code="$(scrape --cacert "$TLS/ca.crt" -H "Authorization: Bearer $NOBODY_TOKEN" || true)"
+    [[ "$code" == 403 ]] && ok "token without the metrics-reader role: 403" || bad "token without the role: $code"
+  else
+    log "agent log: $(tail -n 20 "$OUT/agent.log")"
+  fi
+  kill -TERM "$AGENT_PID" 2>/dev/null || true
+  wait "$AGENT_PID" 2>/dev/null || true
+fi
+
+log "auth off (TLS stays): the auth binding goes, the ServiceMonitor sends no token"
+k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"auth":"none"}}}' >/dev/null
+wait_for 30 "auth ClusterRoleBinding removed when auth is turned off" gone clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:secure"
+wait_for 30 "DaemonSet without --auth and without a token" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS secure-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and not any(a.startswith(\"--auth\") for a in p[\"containers\"][0][\"args\"]) else 1)'"
+save sm-secure servicemonitor -n "$AGENT_NS" secure-agent
+pyck "ServiceMonitor: still https, no bearerTokenFile" sm-secure 'o["spec"]["endpoints"][0]["scheme"] == "https" and "bearerTokenFile" not in o["spec"]["endpoints"][0]'
+expect "same serving certificate kept across reconciles" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get secret -n $AGENT_NS secure-agent-tls -o jsonpath='{.data.tls\\.crt}' | base64 -d) == \"\$(cat '$TLS/tls.crt')\" ]]"
+
+log "cert-manager issuer without cert-manager installed"
+k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"tls":{"issuerRef":{"name":"e2e-ca","kind":"ClusterIssuer"}}}}}' >/dev/null
+wait_for 30 "TLSReady=False/CertManagerNotInstalled" cond_is "$AGENT_NS" secure TLSReady False/CertManagerNotInstalled
+expect "Ready=False/TLSNotReady" cond_is "$AGENT_NS" secure Ready False/TLSNotReady
+msg="$(k get biomonitor -n "$AGENT_NS" secure -o jsonpath='{.status.conditions[?(@.type=="TLSReady")].message}')"
+[[ "$msg" == *'cert-manager.io/v1 Certificate CRD is not installed'* ]] && ok "condition message names the missing CRD" || bad "CertManagerNotInstalled message: $msg"
+wait_for 10 "one CertManagerNotInstalled event" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get events -n $AGENT_NS --field-selector reason=CertManagerNotInstalled -o name | wc -l) == 1 ]]"
+expect "DaemonSet still mounts the operator's Secret (not rolled without a certificate)" jp_is "$AGENT_NS" ds secure-agent '{.spec.template.spec.volumes[0].secret.secretName}' secure-agent-tls
+expect "operator's Secrets kept while nothing replaces them" k get secret -n "$AGENT_NS" secure-agent-tls secure-agent-ca
+
+log "install the real Certificate CRD: the operator's Certificate must be accepted"
+CREATED_CM_CRD=1
+k create -f "$CM_CRD_FILE" >/dev/null
+k wait --for=condition=Established "crd/$CM_CRD" --timeout=30s >/dev/null
+wait_for 30 "TLSReady=False/CertificateNotReady (nobody issues yet)" cond_is "$AGENT_NS" secure TLSReady False/CertificateNotReady
+save cert certificate.cert-manager.io -n "$AGENT_NS" secure-agent
+pyck "Certificate: secretName, the Service's DNS names, issuerRef, owned and applied by the operator" cert '
+o["spec"]["secretName"] == "secure-agent-cert-manager-tls" and
+o["spec"]["dnsNames"] == ["secure-agent", "secure-agent." + E["AGENT_NS"], E["SECURE_DNS"], E["SECURE_DNS"] + ".cluster.local"] and
+o["spec"]["issuerRef"] == {"name": "e2e-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"} and
+owned_by_monitor(o, "secure", E["UID_SECURE"]) and applied_by(o)'
+# This script plays cert-manager: the Secret, then Ready on the Certificate.
+k create secret generic -n "$AGENT_NS" secure-agent-cert-manager-tls --type=kubernetes.io/tls \
+  --from-file=tls.crt="$TLS/tls.crt" --from-file=tls.key="$TLS/tls.key" --from-file=ca.crt="$TLS/ca.crt" >/dev/null
+k patch certificate.cert-manager.io -n "$AGENT_NS" secure-agent --subresource=status --type=merge \
+  -p "{\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"Issued\",\"message\":\"e2e\",\"lastTransitionTime\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}]}}" >/dev/null
+wait_for 30 "TLSReady=True/Issued once cert-manager issued" cond_is "$AGENT_NS" secure TLSReady True/Issued
+wait_for 30 "DaemonSet mounts cert-manager's Secret" jp_is "$AGENT_NS" ds secure-agent '{.spec.template.spec.volumes[0].secret.secretName}' secure-agent-cert-manager-tls
+expect "ServiceMonitor takes the CA from cert-manager's Secret" jp_is "$AGENT_NS" servicemonitor secure-agent '{.spec.endpoints[0].tlsConfig.ca.secret.name}' secure-agent-cert-manager-tls
+both_gone() { gone "$1" -n "$AGENT_NS" "$2" && gone "$3" -n "$AGENT_NS" "$4"; }
+wait_for 30 "operator's own Secrets removed once unused" both_gone secret secure-agent-tls secret secure-agent-ca
+
+log "TLS off: the Certificate and its Secret go, plain http again"
+k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"tls":{"enabled":false,"issuerRef":null}}}}' >/dev/null
+wait_for 30 "TLSReady=True/Disabled" cond_is "$AGENT_NS" secure TLSReady True/Disabled
+wait_for 30 "Certificate and cert-manager's Secret removed" both_gone certificate.cert-manager.io secure-agent secret secure-agent-cert-manager-tls
+expect "ServiceMonitor back to http without tlsConfig" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get servicemonitor -n $AGENT_NS secure-agent -o jsonpath='{.spec.endpoints[0].scheme}/{.spec.endpoints[0].tlsConfig}') == http/ ]]"
+k delete biomonitor -n "$AGENT_NS" secure --timeout=60s >/dev/null && ok "secure deleted" || bad "delete of secure hung"
 
 # -------------------------------------------------------------- conflicts --
 k apply -f - >/dev/null <<EOF
