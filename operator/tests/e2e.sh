@@ -551,12 +551,17 @@ else
   wait "$AGENT_PID" 2>/dev/null || true
 fi
 
+log "token from a Secret instead of Prometheus' own"
+k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"bearerTokenSecret":{"name":"prom-token","key":"token"}}}}' >/dev/null
+sm_auth() { [[ "$(k get servicemonitor -n "$AGENT_NS" secure-agent -o jsonpath='{.spec.endpoints[0].authorization.type}/{.spec.endpoints[0].authorization.credentials.name}/{.spec.endpoints[0].authorization.credentials.key}/{.spec.endpoints[0].bearerTokenFile}')" == Bearer/prom-token/token/ ]]; }
+wait_for 30 "ServiceMonitor: authorization Bearer from the Secret, no bearerTokenFile (real schema)" sm_auth
+
 log "auth off (TLS stays): the auth binding goes, the ServiceMonitor sends no token"
-k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"auth":"none"}}}' >/dev/null
+k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"auth":"none","bearerTokenSecret":null}}}' >/dev/null
 wait_for 30 "auth ClusterRoleBinding removed when auth is turned off" gone clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:secure"
 wait_for 30 "DaemonSet without --auth and without a token" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS secure-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and not any(a.startswith(\"--auth\") for a in p[\"containers\"][0][\"args\"]) else 1)'"
 save sm-secure servicemonitor -n "$AGENT_NS" secure-agent
-pyck "ServiceMonitor: still https, no bearerTokenFile" sm-secure 'o["spec"]["endpoints"][0]["scheme"] == "https" and "bearerTokenFile" not in o["spec"]["endpoints"][0]'
+pyck "ServiceMonitor: still https, no token setting" sm-secure 'o["spec"]["endpoints"][0]["scheme"] == "https" and not {"bearerTokenFile", "authorization"} & set(o["spec"]["endpoints"][0])'
 expect "same serving certificate kept across reconciles" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get secret -n $AGENT_NS secure-agent-tls -o jsonpath='{.data.tls\\.crt}' | base64 -d) == \"\$(cat '$TLS/tls.crt')\" ]]"
 
 log "cert-manager issuer without cert-manager installed"
