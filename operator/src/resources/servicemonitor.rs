@@ -68,6 +68,35 @@ pub struct Endpoint {
     pub bearer_token_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metric_relabelings: Vec<RelabelConfig>,
+}
+
+/// A Prometheus relabeling rule, as the ServiceMonitor CRD spells it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RelabelConfig {
+    pub source_labels: Vec<String>,
+    pub separator: String,
+    pub regex: String,
+    pub target_label: String,
+    pub replacement: String,
+    pub action: String,
+}
+
+/// Prometheus adds the target's `namespace` (the agent's) to every series that lacks one, so a
+/// device that backs no PV would look like it belonged to the agent's namespace. On the per-device
+/// families, `namespace` must mean the PVC's namespace or be absent: drop it where the series has
+/// no `persistentvolume` (setting a label to "" removes it).
+fn drop_target_namespace_without_pv() -> RelabelConfig {
+    RelabelConfig {
+        source_labels: vec!["__name__".into(), "persistentvolume".into()],
+        separator: ";".into(),
+        regex: "ebpf_bio_req_.+;".into(),
+        target_label: "namespace".into(),
+        replacement: String::new(),
+        action: "replace".into(),
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -166,6 +195,11 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
                             key: s.key.clone(),
                         },
                     }),
+                metric_relabelings: if bm.spec.persistent_volume_labels {
+                    vec![drop_target_namespace_without_pv()]
+                } else {
+                    Vec::new()
+                },
             }],
         },
     }))
@@ -208,6 +242,32 @@ mod tests {
         let json = serde_json::to_value(&sm).unwrap();
         assert_eq!(json["spec"]["endpoints"][0]["honorLabels"], true);
         assert!(json["spec"]["endpoints"][0].get("scrapeTimeout").is_none());
+    }
+
+    #[test]
+    fn target_namespace_is_dropped_from_device_series_without_a_pv() {
+        let sm = service_monitor(&monitor("disks", BioMonitorSpec::default()))
+            .unwrap()
+            .unwrap();
+        let json = serde_json::to_value(&sm.spec.endpoints[0]).unwrap();
+        assert_eq!(
+            json["metricRelabelings"],
+            serde_json::json!([{
+                "sourceLabels": ["__name__", "persistentvolume"],
+                "separator": ";",
+                "regex": "ebpf_bio_req_.+;",
+                "targetLabel": "namespace",
+                "replacement": "",
+                "action": "replace"
+            }])
+        );
+        let off = BioMonitorSpec {
+            persistent_volume_labels: false,
+            ..BioMonitorSpec::default()
+        };
+        let sm = service_monitor(&monitor("disks", off)).unwrap().unwrap();
+        let json = serde_json::to_value(&sm.spec.endpoints[0]).unwrap();
+        assert!(json.get("metricRelabelings").is_none(), "{json}");
     }
 
     #[test]
