@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster test-prometheus lint bench crds clean
+.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster test-prometheus lint bench bench-pv-labels crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -49,6 +49,10 @@ test: lint test-unit test-node test-prometheus test-cluster
 
 bench: build-release tracefs
 	scripts/bench.sh
+
+# PersistentVolume labels with 64 devices and 500 PVs in a real local API server (~15 min).
+bench-pv-labels: build-release
+	scripts/bench-pv-labels.sh
 
 crds:
 	cargo run -q -p bio-operator --bin crdgen > crds/biomonitors.bioexporter.io.yaml

@@ -45,9 +45,10 @@ def loop_device(size=256 << 20):
 
 
 @contextlib.contextmanager
-def agent(*args):
+def agent(*args, env=None):
     port = free_port()
     proc = subprocess.Popen([AGENT, "--listen", f"127.0.0.1:{port}", *args],
+                            env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
