@@ -413,6 +413,8 @@ expect "status nodes 3/3 when Ready" jp_is "$AGENT_NS" biomonitor disks '{.statu
 save sm servicemonitor -n "$AGENT_NS" disks-agent
 pyck "ServiceMonitor: endpoint port metrics, honorLabels, /metrics over http" sm '
 [(e["port"], e["honorLabels"], e["path"], e["scheme"]) for e in o["spec"]["endpoints"]] == [("metrics", True, "/metrics", "http")]'
+pyck "ServiceMonitor: metricRelabelings (drop the target namespace on device series without a PVC) stored as written, empty replacement kept" sm '
+o["spec"]["endpoints"][0].get("metricRelabelings") == [{"sourceLabels": ["__name__", "persistentvolumeclaim"], "separator": ";", "regex": "ebpf_bio_(req_.+|device_info);", "targetLabel": "namespace", "replacement": "", "action": "replace"}]'
 pyck "ServiceMonitor: selector matches the Service's labels and selector" sm '
 subset(o["spec"]["selector"]["matchLabels"], load("svc")["metadata"]["labels"]) and o["spec"]["selector"]["matchLabels"] == load("svc")["spec"]["selector"]'
 pyck "ServiceMonitor: namespaceSelector is the BioMonitor's namespace" sm 'o["spec"]["namespaceSelector"] == {"matchNames": [E["AGENT_NS"]]}'

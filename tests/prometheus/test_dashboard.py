@@ -51,7 +51,7 @@ SERVERS = ["prometheus2", "prometheus3"]
 
 # Stand-in for the info metric the agent will export for devices backing a PersistentVolume.
 PVC_INFO = {"persistentvolume": "pv-dashboard-test", "persistentvolumeclaim": "data-0",
-            "namespace": "ns-dashboard-test", "storageclass": "sc-test"}
+            "namespace": "ns-dashboard-test", "storageclass": "sc-test", "shared": "false"}
 
 
 # ------------------------------------------------------------------------------ the dashboard
@@ -463,7 +463,8 @@ def test_expression_runs(stack, server, tid):
         if info:
             # One row for the loop device, carrying the PVC labels of the stand-in info series.
             assert len(result) == 1, (what, result)
-            want = {"node": NODE, "device": stack.dev, **PVC_INFO}
+            want = {"node": NODE, "device": stack.dev,
+                    **{k: v for k, v in PVC_INFO.items() if k != "shared"}}
             assert result[0]["metric"] == want, (what, result[0]["metric"])
 
 

@@ -85,14 +85,15 @@ pub struct RelabelConfig {
 }
 
 /// Prometheus adds the target's `namespace` (the agent's) to every series that lacks one, so a
-/// device that backs no PV would look like it belonged to the agent's namespace. On the per-device
-/// families, `namespace` must mean the PVC's namespace or be absent: drop it where the series has
-/// no `persistentvolume` (setting a label to "" removes it).
-fn drop_target_namespace_without_pv() -> RelabelConfig {
+/// device that backs no claimed PV would look like it belonged to the agent's namespace. On the
+/// per-device families and the device info, `namespace` must mean the PVC's namespace or be
+/// absent: drop it where the series has no `persistentvolumeclaim` (the agent sets both or
+/// neither; setting a label to "" removes it).
+fn drop_target_namespace_without_pvc() -> RelabelConfig {
     RelabelConfig {
-        source_labels: vec!["__name__".into(), "persistentvolume".into()],
+        source_labels: vec!["__name__".into(), "persistentvolumeclaim".into()],
         separator: ";".into(),
-        regex: "ebpf_bio_req_.+;".into(),
+        regex: "ebpf_bio_(req_.+|device_info);".into(),
         target_label: "namespace".into(),
         replacement: String::new(),
         action: "replace".into(),
@@ -196,7 +197,7 @@ pub fn service_monitor(bm: &BioMonitor) -> Result<Option<ServiceMonitor>> {
                         },
                     }),
                 metric_relabelings: if bm.spec.persistent_volume_labels {
-                    vec![drop_target_namespace_without_pv()]
+                    vec![drop_target_namespace_without_pvc()]
                 } else {
                     Vec::new()
                 },
@@ -245,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn target_namespace_is_dropped_from_device_series_without_a_pv() {
+    fn target_namespace_is_dropped_from_device_series_without_a_claim() {
         let sm = service_monitor(&monitor("disks", BioMonitorSpec::default()))
             .unwrap()
             .unwrap();
@@ -253,9 +254,9 @@ mod tests {
         assert_eq!(
             json["metricRelabelings"],
             serde_json::json!([{
-                "sourceLabels": ["__name__", "persistentvolume"],
+                "sourceLabels": ["__name__", "persistentvolumeclaim"],
                 "separator": ";",
-                "regex": "ebpf_bio_req_.+;",
+                "regex": "ebpf_bio_(req_.+|device_info);",
                 "targetLabel": "namespace",
                 "replacement": "",
                 "action": "replace"
