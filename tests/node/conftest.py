@@ -158,13 +158,15 @@ def agent(agent_factory):
 
 
 class LoopDevice:
-    def __init__(self, size_bytes, direct_io=True):
+    def __init__(self, size_bytes, direct_io=True, partscan=False):
         fd, self.backing = tempfile.mkstemp(prefix="bio-test-", suffix=".img", dir="/dev/shm")
         os.close(fd)
         os.truncate(self.backing, size_bytes)
         args = ["losetup", "--find", "--show"]
         if direct_io:
             args.append("--direct-io=on")
+        if partscan:  # partitions may be added (addpart); detaching drops them
+            args.append("--partscan")
         self.path = sh(*args, self.backing).stdout.strip()
         self.name = os.path.basename(self.path)
 
@@ -178,8 +180,8 @@ class LoopDevice:
 def loop_factory():
     devices = []
 
-    def make(size_bytes=64 << 20, direct_io=True):
-        d = LoopDevice(size_bytes, direct_io)
+    def make(size_bytes=64 << 20, direct_io=True, partscan=False):
+        d = LoopDevice(size_bytes, direct_io, partscan)
         devices.append(d)
         return d
 

@@ -15,9 +15,9 @@ import urllib.request
 
 import pytest
 
-from conftest import AGENT_BIN, REPO, Agent
+from conftest import AGENT_BIN, Agent
+from kube_cluster import agent_env, running_cluster
 
-CLUSTER = os.path.join(REPO, "tests", "cluster")
 NS = "bio-auth"
 METRICS_TYPE_LINE = "# TYPE ebpf_bio_req_latency histogram"
 
@@ -81,75 +81,38 @@ subjects: [{{kind: ServiceAccount, name: scraper, namespace: {NS}}}]
 """
 
 
-class Cluster:
-    def __init__(self, workdir):
-        self.workdir = str(workdir)
-        out = subprocess.run(["bash", "-c", 'source "$1/env" && env -0', "_", self.workdir],
-                             capture_output=True, check=True).stdout.decode()
-        self.env = dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
-
-    def kubectl(self, *args, stdin=None, kubeconfig=None):
-        env = dict(self.env)
-        if kubeconfig:
-            env["KUBECONFIG"] = kubeconfig
-        r = subprocess.run(["kubectl", "--request-timeout=20s", *args], input=stdin, capture_output=True,
-                           text=True, env=env, timeout=60)
-        assert r.returncode == 0, f"kubectl {' '.join(args)} failed:\n{r.stderr}"
-        return r.stdout
-
-    def token(self, sa):
-        return self.kubectl("create", "token", sa, "-n", NS).strip()
-
-    def review_calls(self):
-        """TokenReviews and SubjectAccessReviews the API server has answered so far."""
-        counts = {"tokenreviews": 0.0, "subjectaccessreviews": 0.0}
-        for line in self.kubectl("get", "--raw", "/metrics").splitlines():
-            if not line.startswith("apiserver_request_total{"):
-                continue
-            m = re.search(r'resource="([^"]*)".*\}\s+(\S+)$', line)
-            if m and m.group(1) in counts:
-                counts[m.group(1)] += float(m.group(2))
-        return counts["tokenreviews"], counts["subjectaccessreviews"]
-
-    def apiserver_pid(self):
-        with open(os.path.join(self.workdir, "pids")) as f:
-            for line in f:
-                name, pid, exe = line.split()
-                if name == "kube-apiserver" and os.path.realpath(f"/proc/{pid}/exe") == exe:
-                    return int(pid)
-        raise AssertionError("kube-apiserver is not running")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("auth-cluster")
-    try:
-        up = subprocess.run([f"{CLUSTER}/up.sh", str(workdir)], capture_output=True, text=True, timeout=900)
-        assert up.returncode == 0, f"tests/cluster/up.sh failed:\n{up.stderr[-6000:]}"
-        c = Cluster(workdir)
-        c.kubectl("apply", "-f", "-", stdin=RBAC)
+    with running_cluster(tmp_path_factory.mktemp("auth-cluster")) as c:
+        c.apply(RBAC)
         yield c
-    finally:
-        subprocess.run([f"{CLUSTER}/down.sh", str(workdir)], capture_output=True, timeout=120)
+
+
+def review_calls(cluster):
+    """TokenReviews and SubjectAccessReviews the API server has answered so far."""
+    counts = {"tokenreviews": 0.0, "subjectaccessreviews": 0.0}
+    for line in cluster.kubectl("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        m = re.search(r'resource="([^"]*)".*\}\s+(\S+)$', line)
+        if m and m.group(1) in counts:
+            counts[m.group(1)] += float(m.group(2))
+    return counts["tokenreviews"], counts["subjectaccessreviews"]
 
 
 @pytest.fixture(scope="module")
 def agent(cluster):
-    kubeconfig = os.path.join(cluster.workdir, "agent.kubeconfig")
-    subprocess.run([f"{CLUSTER}/sa-kubeconfig.sh", cluster.workdir, NS, "agent", kubeconfig],
-                   check=True, capture_output=True, timeout=120)
+    kubeconfig = cluster.sa_kubeconfig(NS, "agent")
     # The agent's identity can do its reviews, and nothing else.
-    assert cluster.kubectl("auth", "can-i", "create", "tokenreviews.authentication.k8s.io",
-                           kubeconfig=kubeconfig).strip() == "yes"
-    env = dict(os.environ, KUBECONFIG=kubeconfig, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    a = Agent(["--auth=kubernetes"], env=env)
+    assert cluster.can_i(kubeconfig, "create", "tokenreviews.authentication.k8s.io")
+    a = Agent(["--auth=kubernetes"], env=agent_env(kubeconfig))
     yield a
     a.stop()
 
 
 @pytest.fixture(scope="module")
 def tokens(cluster):
-    return {sa: cluster.token(sa) for sa in ("scraper", "nobody")}
+    return {sa: cluster.token(sa, NS) for sa in ("scraper", "nobody")}
 
 
 def get(agent, path, token=None, authorization=None):
@@ -206,22 +169,22 @@ def test_health_endpoints_stay_open(agent):
 
 
 def test_steady_scrapes_cost_no_api_calls(agent, cluster):
-    token = cluster.token("scraper")
-    before = cluster.review_calls()
+    token = cluster.token("scraper", NS)
+    before = review_calls(cluster)
     assert get(agent, "/metrics", token)[0] == 200
-    first = cluster.review_calls()
+    first = review_calls(cluster)
     assert first[0] >= before[0] + 1 and first[1] >= before[1] + 1, (before, first)
     for _ in range(5):
         assert get(agent, "/metrics", token)[0] == 200
-    assert cluster.review_calls() == first, "cached decisions must not call the API server"
+    assert review_calls(cluster) == first, "cached decisions must not call the API server"
 
 
 def test_api_server_outage(agent, cluster, tokens):
     """Hung API (SIGSTOP): cached decisions hold, a new token gets 503 after the API timeout, and
     nothing of that failure is cached once it answers again. Then the API gone for good (killed):
     503 at once. Must stay last: the cluster has no API server afterwards."""
-    fresh = [cluster.token("scraper") for _ in range(3)]
-    cached = cluster.token("scraper")
+    fresh = [cluster.token("scraper", NS) for _ in range(3)]
+    cached = cluster.token("scraper", NS)
     assert get(agent, "/metrics", cached)[0] == 200
     assert get(agent, "/metrics", tokens["nobody"])[0] == 403
 
