@@ -67,9 +67,15 @@ struct start_val {
 	__u32 done_bytes; /* classic mode: bytes already completed by partial completions */
 };
 
-/* A request that completed partially: what it carried so far, and when it was first issued. */
+/*
+ * A request that completed partially: what it carried so far, and when it was first issued.
+ * Keyed by the request's address, which the block layer reuses for later requests; `alloc_ns`
+ * (the request's allocation stamp) tells an entry of this request from one left behind by an
+ * earlier request whose last step the kernel never showed us (node-agent/src/bpf/recursion.rs).
+ */
 struct partial_val {
 	__u64 first_start_ns;
+	__u64 alloc_ns;
 	__u32 done_bytes;
 	__u32 failed;
 };
@@ -212,7 +218,15 @@ struct rq_at_complete {
 	__u32 op;
 	__u32 remaining_bytes;
 	__u64 io_start_ns;
+	__u64 alloc_ns;
 };
+
+/* A partial entry of this very request, not a leftover of an earlier one at the same address. */
+static __always_inline bool same_request(const struct partial_val *p, const struct rq_at_complete *rq)
+{
+	/* Without allocation stamps the address is all there is. */
+	return p->alloc_ns == rq->alloc_ns;
+}
 
 static __always_inline bool queue_keeps_stats(unsigned long queue_flags)
 {
@@ -270,16 +284,22 @@ static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_byt
 	if (nr_bytes < rq->remaining_bytes) {
 		struct partial_val *p = bpf_map_lookup_elem(&partials, &rq->id);
 
-		if (p) {
+		if (p && same_request(p, rq)) {
 			p->done_bytes += nr_bytes;
 			p->failed |= failed;
 			return;
 		}
 		struct partial_val init = {
 			.first_start_ns = start_ns,
+			.alloc_ns = rq->alloc_ns,
 			.done_bytes = nr_bytes,
 			.failed = failed,
 		};
+		/* A leftover is replaced in place: the entry count stays. */
+		if (p) {
+			*p = init;
+			return;
+		}
 		if (bpf_map_update_elem(&partials, &rq->id, &init, BPF_NOEXIST) == 0)
 			__sync_fetch_and_add(&partial_entries, 1);
 		else
@@ -291,10 +311,12 @@ static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_byt
 		struct partial_val *p = bpf_map_lookup_elem(&partials, &rq->id);
 
 		if (p) {
-			bytes += p->done_bytes;
-			failed |= p->failed;
-			if (p->first_start_ns)
-				start_ns = p->first_start_ns;
+			if (same_request(p, rq)) {
+				bytes += p->done_bytes;
+				failed |= p->failed;
+				if (p->first_start_ns)
+					start_ns = p->first_start_ns;
+			}
 			if (bpf_map_delete_elem(&partials, &rq->id) == 0)
 				__sync_fetch_and_add(&partial_entries, -1);
 		}
@@ -352,6 +374,7 @@ int BPF_PROG(btf_rq_complete, struct request *rq, int error, unsigned int nr_byt
 		.op = rq->cmd_flags & REQ_OP_MASK,
 		.remaining_bytes = rq->__data_len,
 		.io_start_ns = rq->io_start_time_ns,
+		.alloc_ns = rq->start_time_ns,
 	};
 
 	rq_completed(&c, nr_bytes, error);
@@ -393,6 +416,7 @@ static __always_inline void core_rq_complete(struct request *rq, int error, unsi
 		.op = BPF_CORE_READ(rq, cmd_flags) & REQ_OP_MASK,
 		.remaining_bytes = BPF_CORE_READ(rq, __data_len),
 		.io_start_ns = BPF_CORE_READ(rq, io_start_time_ns),
+		.alloc_ns = BPF_CORE_READ(rq, start_time_ns),
 	};
 
 	rq_completed(&c, nr_bytes, error);

@@ -69,6 +69,7 @@ struct request {
 	struct request_queue *q;
 	__u32 cmd_flags;      /* blk_opf_t: REQ_OP_* in the low bits, flags above */
 	unsigned int __data_len; /* bytes not yet completed */
+	__u64 start_time_ns;    /* allocation time (0 when the queue keeps no time stamps) */
 	__u64 io_start_time_ns; /* issue time, set only while the queue keeps stats */
 };
 

@@ -263,7 +263,7 @@ impl Collector for BioCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "ebpf_bio_lost_events",
-                "IO measurements the kernel side could not record, by reason (a full table, or a completion without a known issue time).",
+                "IO measurements the kernel side could not record, by reason (a full table, a completion without a known issue time, or a program run the kernel skipped because the program was already running on that CPU).",
                 None,
                 MetricType::Counter,
             )?;
@@ -536,7 +536,7 @@ mod tests {
             only(vec![hist("vda", "flush", |h| h.errors = 3)]),
             &Snapshot {
                 hists: vec![],
-                lost: [1, 2, 0, 0],
+                lost: [1, 2, 0, 0, 7],
                 inflight: [5, 0],
             },
             &labels(),
@@ -549,6 +549,12 @@ mod tests {
         );
         assert!(
             text.contains("ebpf_bio_lost_events_total{reason=\"no_start_time\",node=\"n1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ebpf_bio_lost_events_total{reason=\"program_recursion\",node=\"n1\"} 7\n"
+            ),
             "{text}"
         );
         assert!(

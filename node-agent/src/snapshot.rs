@@ -9,13 +9,19 @@ const HIST_WORDS: usize = 2 * LOG2_SLOTS + 3;
 pub const HIST_VALUE_SIZE: usize = HIST_WORDS * 8;
 pub const HIST_KEY_SIZE: usize = 8;
 
-/// Names of `enum lost_reason`, in order; exported as the `reason` label.
-pub const LOST_REASONS: [&str; 4] = [
+/// Exported as the `reason` label: the names of `enum lost_reason` (counted by the programs, in
+/// the `lost_events` map), in order, then what the kernel counts for us.
+pub const LOST_REASONS: [&str; 5] = [
     "start_map_full",
     "no_start_time",
     "hist_map_full",
     "partial_map_full",
+    "program_recursion",
 ];
+/// How many of LOST_REASONS the programs count (`LOST_REASONS` in bpf/bio_types.h).
+pub const KERNEL_LOST_REASONS: usize = 4;
+/// Index of the skipped nested runs (see bpf/recursion.rs) in LOST_REASONS.
+pub const LOST_PROGRAM_RECURSION: usize = 4;
 /// Index of LOST_NO_START_TIME in LOST_REASONS.
 pub const LOST_NO_START_TIME: usize = 1;
 

@@ -122,6 +122,12 @@ def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent, loop
     m1, s1 = agent.samples(), read_stat(loop.name)
     dev = {"device": loop.name, "operation": "read"}
     assert stat_delta(s0, s1)["read_ios"] == 1
+    skipped = deltas(m0, m1, "ebpf_bio_lost_events_total", reason="program_recursion")
+    if skipped and deltas(m0, m1, f"{LAT}_count", **dev) == 0:
+        # Under load the kernel may skip the last step's program run (it was already running on
+        # that CPU for another completion): the IO is lost, and said to be lost, not miscounted.
+        assert sample(m1, "ebpf_bio_inflight_entries", table="partials") <= 1
+        return
     assert deltas(m0, m1, f"{LAT}_count", **dev) == 1
     assert deltas(m0, m1, f"{SIZE}_sum", **dev) == 4
     assert deltas(m0, m1, "ebpf_bio_req_errors_total", **dev) == 1

@@ -3,7 +3,7 @@ import os
 import re
 import subprocess
 
-from conftest import REPO, direct_io, require_tool, sh
+from conftest import REPO, direct_io, require_tool, sample, sh
 
 SEED = os.path.join(REPO, "..", "shared", "seed", "ebpf_exporter-original-README.md")
 
@@ -87,3 +87,22 @@ def test_gzip_when_asked(agent):
     assert "# TYPE ebpf_bio_req_latency histogram" in text
     # Without the header: plain text, as before.
     assert "content-encoding" not in {k.lower() for k in agent.get("/metrics")[2]}
+
+
+def our_programs_recursion_misses():
+    """recursion_misses summed over the loaded programs named like ours (bpftool omits zeros)."""
+    import json
+    from test_agent_process import OUR_PROGRAMS
+    progs = json.loads(sh("bpftool", "-j", "prog", "show").stdout)
+    return sum(p.get("recursion_misses", 0) for p in progs if p.get("name") in OUR_PROGRAMS)
+
+
+def test_skipped_nested_runs_are_reported_as_lost_events(agent, loop):
+    """The kernel's per-program recursion_misses reach ebpf_bio_lost_events_total."""
+    direct_io(loop.path, "write", 4096, 64)
+    before = our_programs_recursion_misses()
+    exported = sample(agent.samples(), "ebpf_bio_lost_events_total", reason="program_recursion")
+    after = our_programs_recursion_misses()
+    assert any(n == "ebpf_bio_lost_events_total" and l.get("reason") == "program_recursion"
+               for n, l, _ in agent.samples()), "the reason is always exported, also at 0"
+    assert before <= exported <= after, (before, exported, after)

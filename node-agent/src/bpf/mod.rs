@@ -4,6 +4,7 @@
 //! mode's programs, loads (the verifier checks them), then attaches each; `auto` walks the modes
 //! from cheapest to most portable and keeps the first that attaches, logging why others did not.
 pub mod kernel_facts;
+mod recursion;
 mod skel;
 mod topology;
 
@@ -17,8 +18,8 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
 
 use crate::snapshot::{
-    parse_key, DeviceOpHist, LayoutError, Snapshot, HIST_VALUE_SIZE, LOST_NO_START_TIME,
-    LOST_REASONS,
+    parse_key, DeviceOpHist, LayoutError, Snapshot, HIST_VALUE_SIZE, KERNEL_LOST_REASONS,
+    LOST_NO_START_TIME, LOST_PROGRAM_RECURSION, LOST_REASONS,
 };
 use kernel_facts::{tracepoint_fields, KernelFacts, TracepointFields};
 use skel::{BioSkel, BioSkelBuilder};
@@ -279,6 +280,7 @@ pub struct MapReader {
     lost: MapHandle,
     /// The object's .bss: the in-flight entry counters the programs keep.
     bss: MapHandle,
+    recursion: std::sync::Arc<recursion::RecursionMisses>,
 }
 
 impl Clone for MapReader {
@@ -287,6 +289,7 @@ impl Clone for MapReader {
             hists: MapHandle::try_from(&self.hists).expect("dup of an open map fd"),
             lost: MapHandle::try_from(&self.lost).expect("dup of an open map fd"),
             bss: MapHandle::try_from(&self.bss).expect("dup of an open map fd"),
+            recursion: self.recursion.clone(),
         }
     }
 }
@@ -315,7 +318,8 @@ impl MapReader {
             hists.push(h);
         }
         let mut lost = [0u64; LOST_REASONS.len()];
-        for (i, slot) in lost.iter_mut().enumerate() {
+        lost[LOST_PROGRAM_RECURSION] = self.recursion.total();
+        for (i, slot) in lost.iter_mut().enumerate().take(KERNEL_LOST_REASONS) {
             let key = (i as u32).to_ne_bytes();
             let per_cpu = self
                 .lost
@@ -485,6 +489,7 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         hists: MapHandle::try_from(&skel.maps.hists).map_err(|e| e.to_string())?,
         lost: MapHandle::try_from(&skel.maps.lost_events).map_err(|e| e.to_string())?,
         bss: MapHandle::try_from(&skel.maps.bss).map_err(|e| e.to_string())?,
+        recursion: std::sync::Arc::new(recursion::RecursionMisses::of(skel.object())),
     };
     let attached = Attached {
         mode,
