@@ -8,11 +8,12 @@ mod recursion;
 mod skel;
 mod topology;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
@@ -144,7 +145,16 @@ struct AttachState {
     links: HashMap<&'static str, Link>,
     /// Disks whose histogram entries exist already (see precreate_entries).
     prepared: HashSet<u32>,
+    /// /sys/block's names at the last look at the disks, and when that was (see refresh).
+    disks_seen: BTreeSet<std::ffi::OsString>,
+    looked_at: Option<Instant>,
 }
+
+/// How often refresh looks at every disk again although none came or went: what only a disk's
+/// attributes say (a zram device given a size, writeback throttling turned off) is noticed
+/// within this time. Looking reads a few sysfs files per disk, which on a host with many disks
+/// costs more than the rest of a scrape.
+const DISKS_RECHECK: Duration = Duration::from_secs(10);
 
 // SAFETY: the skeleton holds raw pointers into libbpf's bpf_object, which has no thread affinity;
 // libbpf is not safe for concurrent use, and every use goes through the Mutex around this state.
@@ -201,9 +211,17 @@ impl Attached {
     /// changes (a disk appears, a queue stops keeping stats) is covered without a restart.
     pub fn refresh(&self, snapshot: Option<&Snapshot>) {
         let mut st = self.lock();
+        let missed = snapshot.map_or(0, |s| s.lost[LOST_NO_START_TIME]);
+        let names = topology::disk_names(&self.sys_block);
+        let due = st.looked_at.is_none_or(|at| at.elapsed() >= DISKS_RECHECK);
+        let unstamped = missed > 0 && !self.role_attached(&st, Role::Issue);
+        if names == st.disks_seen && !due && !unstamped {
+            return;
+        }
+        st.disks_seen = names;
+        st.looked_at = Some(Instant::now());
         self.precreate_entries(&mut st);
         if self.has_role(Role::Issue) && !self.role_attached(&st, Role::Issue) {
-            let missed = snapshot.map_or(0, |s| s.lost[LOST_NO_START_TIME]);
             let reason = match topology::request_disk_without_stats(&self.sys_block) {
                 Some(disk) => Some(format!(
                     "the request queue of {disk} keeps no issue stamps (wbt off)"
@@ -499,6 +517,8 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
             skel,
             links: HashMap::new(),
             prepared: HashSet::new(),
+            disks_seen: BTreeSet::new(),
+            looked_at: None,
         }),
         sys_block: PathBuf::from(topology::SYS_BLOCK),
     };
