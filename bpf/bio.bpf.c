@@ -416,8 +416,11 @@ static __always_inline void core_rq_complete(struct request *rq, int error, unsi
 		.op = BPF_CORE_READ(rq, cmd_flags) & REQ_OP_MASK,
 		.remaining_bytes = BPF_CORE_READ(rq, __data_len),
 		.io_start_ns = BPF_CORE_READ(rq, io_start_time_ns),
-		.alloc_ns = BPF_CORE_READ(rq, start_time_ns),
 	};
+
+	/* Only partial completions compare allocation stamps: spare every other IO the read. */
+	if (partial_entries || nr_bytes < c.remaining_bytes)
+		c.alloc_ns = BPF_CORE_READ(rq, start_time_ns);
 
 	rq_completed(&c, nr_bytes, error);
 }

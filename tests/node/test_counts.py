@@ -105,10 +105,12 @@ def test_bio_based_zram_counts_and_write_zeroes(agent, zram):
     assert deltas(m1, m2, f"{SIZE}_sum", operation="write_zeroes", **dev) == 1024
 
 
-def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent, loop_factory):
+@pytest.mark.parametrize("mode", MODES)
+def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent_factory, loop_factory, mode):
     # The loop device keeps its 1 MiB size while its file shrinks by 2 KiB: a 4 KiB read at the end
     # completes 2 KiB, is requeued, and fails the rest with -EIO.
     loop = loop_factory(size_bytes=1 << 20, direct_io=True)
+    agent = agent_factory("--attach", mode, "--device-include", loop.name)
     os.truncate(loop.backing, (1 << 20) - 2048)
     m0, s0 = agent.samples(), read_stat(loop.name)
     fd = os.open(loop.path, os.O_RDONLY | os.O_DIRECT)
