@@ -9,42 +9,27 @@ PV as a mounted CSI volume on loop device A; loop device B backs nothing. A seco
 scrapes the same agent with Prometheus' defaults, to show what the ServiceMonitor settings prevent
 (and that these assertions can fail). The dashboard's per-PVC table runs on the stored data.
 """
-import json
+import contextlib
 import os
-import subprocess
 import sys
-import uuid
 
 import pytest
 
 from node_fixtures import node
-from promserver import PrometheusServer, prometheus_binary
+from promserver import prometheus_binary
 from test_dashboard import dashboard_targets, substitute, TEMPLATE_VARS
 
 sys.path.insert(0, os.path.join(node.REPO, "tests", "node"))
 import kube_cluster  # noqa: E402
+from pv_node import NODE, Node, create_pv, mkfs  # noqa: E402
 
 SERVERS = ["prometheus2", "prometheus3"]
 TARGET_NAMESPACE = "monitoring"  # the agent pod's namespace, a target label under the operator
-NS, CLAIM, PV, CLASS = "ns-stored", "claim-stored", "pv-stored", "fast-stored"
-DRIVER, HANDLE = "stored.csi.bioexporter.io", "handle-stored"
+NS, CLAIM, PV, CLASS, HANDLE = "ns-stored", "claim-stored", "pv-stored", "fast-stored", "handle-stored"
 RELABEL = {"source_labels": ["__name__", "persistentvolumeclaim"], "separator": ";",
            "regex": "ebpf_bio_(req_.+|device_info);", "target_label": "namespace",
            "replacement": "", "action": "replace"}
 PV_LABELS = {"persistentvolume": PV, "persistentvolumeclaim": CLAIM, "namespace": NS}
-
-
-def manifests():
-    return "\n---\n".join(json.dumps(d) for d in [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": PV},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                  "storageClassName": CLASS, "claimRef": {"namespace": NS, "name": CLAIM},
-                  "csi": {"driver": DRIVER, "volumeHandle": HANDLE}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM, "namespace": NS},
-         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": CLASS, "volumeName": PV,
-                  "resources": {"requests": {"storage": "1Gi"}}}},
-    ])
 
 
 def job(agent, name, **extra):
@@ -56,29 +41,23 @@ def job(agent, name, **extra):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Cluster, kubelet root with a PV on loop A, plain loop B, an agent with --pv-labels."""
-    cleanup = []
-    try:
-        cluster_cm = kube_cluster.running_cluster(tmp_path_factory.mktemp("stored-cluster"))
-        cluster = cluster_cm.__enter__()
-        cleanup.append(lambda: cluster_cm.__exit__(None, None, None))
-        cluster.apply(manifests())
+    with contextlib.ExitStack() as undo:
+        cluster = undo.enter_context(kube_cluster.running_cluster(tmp_path_factory.mktemp("stored-cluster")))
+        cluster.kubectl("create", "namespace", NS)
+        create_pv(cluster, PV, (NS, CLAIM), storage_class=CLASS, handle=HANDLE)
 
         a, b = node.LoopDevice(64 << 20), node.LoopDevice(64 << 20)
-        cleanup += [a.detach, b.detach]
-        node.sh("mkfs.ext4", "-q", "-F", a.path)
+        undo.callback(a.detach)
+        undo.callback(b.detach)
+        mkfs(a.path)
         root = str(tmp_path_factory.mktemp("kubelet"))
-        vol = os.path.join(root, "pods", str(uuid.uuid4()), "volumes", "kubernetes.io~csi", PV)
-        mnt = os.path.join(vol, "mount")
-        os.makedirs(mnt)
-        with open(os.path.join(vol, "vol_data.json"), "w") as f:
-            json.dump({"specVolID": PV, "driverName": DRIVER, "volumeHandle": HANDLE,
-                       "volumeLifecycleMode": "Persistent"}, f)
-        node.sh("mount", a.path, mnt)
-        cleanup.append(lambda: subprocess.run(["umount", "-l", mnt]))
+        kubelet = Node(root, str(tmp_path_factory.mktemp("scratch")))
+        undo.callback(kubelet.cleanup)
+        mnt = kubelet.csi_pod_volume(kubelet.pod(), PV, dev=a.path, handle=HANDLE)
 
         agent = node.Agent(["--device-include", f"{a.name}|{b.name}", "--pv-labels", "--kubelet-root", root],
                            env=kube_cluster.agent_env(cluster.env["KUBECONFIG"]))
-        cleanup.append(agent.stop)
+        undo.callback(agent.stop)
         # Both devices do IO before any Prometheus starts, so every series exists at the first scrape.
         node.sh("dd", "if=/dev/zero", f"of={mnt}/data", "bs=64k", "count=16", "oflag=direct", "status=none")
         node.direct_io(b.path, "write", 4096, 16)
@@ -89,9 +68,6 @@ def stack(tmp_path_factory):
                        for _, labels, _ in rows)
         node.wait_for(labelled, 30, f"{a.name}'s series labelled with {CLAIM}")
         yield {"agent": agent, "a": a.name, "b": b.name, "mnt": mnt}
-    finally:
-        for undo in reversed(cleanup):
-            undo()
 
 
 def series(prom, expr):
@@ -147,7 +123,7 @@ def test_dashboard_per_pvc_table_on_real_labels(stack, server, prometheus_factor
               and "ebpf_bio_device_info" in t["expr"]]
     assert tables, "the dashboard has per-PVC table queries"
     values = dict.fromkeys(TEMPLATE_VARS, ".*")
-    want = {"node": "test-node", "device": a, **PV_LABELS, "storageclass": CLASS}
+    want = {"node": NODE, "device": a, **PV_LABELS, "storageclass": CLASS}
     for t in tables:
         expr = substitute(t["expr"], values)
         prom.wait_for(lambda: len(prom.query(expr)) > 0, 30, f"table query {t.get('refId')} answers")
