@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build (or reuse) the local test-cluster tools: kube-apiserver,
+# Build (or reuse) the local test-cluster tools: kube-apiserver, kubelet,
 # kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm (v4) and
 # helm3 (v3), plus kwok's default stage config.
 #
@@ -45,7 +45,7 @@ CACHE_ROOT="${BIO_CACHE:-$HOME/.cache/bio-exporter}"
 OUT="$CACHE_ROOT/cluster-$(key)"
 BIN="$OUT/bin"
 
-K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 ALL_BINS=("${K8S_BINS[@]}" etcd kwok helm helm3)
 STAGES="$OUT/kwok-stages.yaml"
 
