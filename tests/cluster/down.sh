@@ -4,9 +4,14 @@
 # still alive 10 s after its SIGTERM. Safe to call twice,
 # from a trap, or on a half-started cluster. Leaves <workdir> (logs) in place;
 # pass --purge to delete the workdir as well.
+# With real nodes (up.sh --real-nodes) it stops the kubelet first, kills every pod and
+# container shim, stops containerd and the rest, removes the kubelet's cgroups, frees the
+# cluster's namespaces (their mounts, bridge, veths and rules go with them), detaches the loop
+# devices listed in <workdir>/loops and removes the host directories up.sh had to create.
 # Usage: down.sh <workdir> [--purge]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$CLUSTER_DIR/netns.sh"
 
 [[ -n "${1:-}" ]] || die "usage: down.sh <workdir> [--purge]"
 [[ -d "$1" ]] || { log "$1 does not exist, nothing to stop"; exit 0; }
@@ -39,6 +44,9 @@ stop_group() {
 }
 
 if [[ -f "$W/pids" ]]; then
+  # Real nodes: the kubelet first (so it restarts nothing), then every container.
+  mapfile -t lines < <(grep -E '^kubelet-' "$W/pids" || true)
+  ((${#lines[@]} == 0)) || { stop_group; ns_kill_pods; }
   mapfile -t lines < <(grep -vE '^(kube-apiserver|etcd) ' "$W/pids" | tac)
   stop_group # everything but apiserver and etcd (kwok, scheduler, KCM, ...)
   mapfile -t lines < "$W/pids"
@@ -46,6 +54,18 @@ if [[ -f "$W/pids" ]]; then
   stop_group etcd
   : > "$W/pids"
   ((${#stopped[@]} == 0)) || log "stopped ${#stopped[@]} processes (${stopped[*]})"
+fi
+
+# On the host side only: inside, the namespaces' pins are not visible (up.sh's host side
+# calls down.sh again after a failure inside).
+if [[ -z "${BIO_CLUSTER_INSIDE_NS:-}" ]]; then
+  ns_destroy "$W"
+  if [[ -s "$W/loops" ]]; then
+    while read -r dev; do
+      [[ -n "$dev" ]] && losetup "$dev" >/dev/null 2>&1 && { losetup -d "$dev" || log "could not detach $dev"; }
+    done < "$W/loops"
+    : > "$W/loops"
+  fi
 fi
 
 if [[ "${2:-}" == --purge ]]; then

@@ -3,10 +3,15 @@
 # kube-scheduler, kwok) whose whole state lives in <workdir>. Everything listens
 # on 127.0.0.1 only, on free ports picked at start.
 #
-# Usage: up.sh <workdir>
+# Usage: up.sh <workdir> [--real-nodes 0|1]
 #   Afterwards: source <workdir>/env   (KUBECONFIG, PATH, APISERVER, ...)
 #               tests/cluster/add-nodes.sh <workdir> 3
 #               tests/cluster/down.sh <workdir>
+# --real-nodes 1 adds a real node (kubelet + containerd + runc, node name real-node-0) that runs
+# real pods. The whole cluster then lives in a private network + mount namespace (netns.sh):
+# run clients through tests/cluster/enter.sh <workdir> CMD..., load images with
+# tests/cluster/load-images.sh. Needs root and Debian's containerd, runc,
+# containernetworking-plugins, iptables.
 # Env: CLUSTER_TIMEOUT  seconds to wait for each component (default 180)
 #      CLUSTER_V        klog verbosity of the k8s components (default 1)
 #      KEEP_ON_FAILURE=1 leave the processes running if up.sh fails
@@ -16,7 +21,20 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+source "$CLUSTER_DIR/netns.sh"
+
 W="$(abs_workdir "${1:-}")"
+shift || true
+REAL_NODES=0
+while (($#)); do
+  case "$1" in
+    --real-nodes) REAL_NODES="${2:-}"; shift 2 || die "--real-nodes needs a number" ;;
+    --real-nodes=*) REAL_NODES="${1#*=}"; shift ;;
+    *) die "unknown argument: $1 (usage: up.sh <workdir> [--real-nodes 0|1])" ;;
+  esac
+done
+[[ "$REAL_NODES" =~ ^[01]$ ]] ||
+  die "--real-nodes must be 0 or 1: two kubelets on one host would share /var/lib/kubelet and the kernel's BPF hooks"
 TIMEOUT="${CLUSTER_TIMEOUT:-180}"
 V="${CLUSTER_V:-1}"
 T0=$SECONDS
@@ -27,9 +45,41 @@ if [[ -s "$W/pids" ]]; then
   done < "$W/pids"
 fi
 
+# Real nodes: build first (on the host, with its network), then make the namespaces and run the
+# rest of this script inside them. On failure the host side undoes everything.
+if ((REAL_NODES > 0)) && [[ -z "${BIO_CLUSTER_INSIDE_NS:-}" ]]; then
+  "$CLUSTER_DIR/build.sh" >/dev/null
+  REAL_NODE_IMAGE_ARCHIVES="$("$CLUSTER_DIR/images/build.sh")" || die "building the test images failed"
+  export REAL_NODE_IMAGE_ARCHIVES
+  ns_create "$W"
+  rc=0
+  BIO_CLUSTER_INSIDE_NS=1 ns_exec "$W" "$CLUSTER_DIR/up.sh" "$W" --real-nodes "$REAL_NODES" || rc=$?
+  if ((rc != 0)); then
+    if [[ "${KEEP_ON_FAILURE:-}" == 1 ]]; then
+      log "KEEP_ON_FAILURE=1: leaving the cluster and its namespaces; remove them with down.sh $W"
+    else
+      "$CLUSTER_DIR/down.sh" "$W" >&2 || true
+    fi
+  fi
+  exit "$rc"
+fi
+
 BIN="$("$CLUSTER_DIR/build.sh" | tail -n1)"
 [[ -x "$BIN/kube-apiserver" ]] || die "build.sh did not produce $BIN/kube-apiserver"
 STAGES="$(dirname "$BIN")/kwok-stages.yaml"
+
+REAL_NODE_NAMES=()
+if ((REAL_NODES > 0)); then
+  REAL_NODE_NAMES=(real-node-0)
+  REAL_POD_CIDR=10.88.0.0/16
+  mapfile -t REAL_NODE_IMAGES <<<"${REAL_NODE_IMAGE_ARCHIVES:-}"
+  # The sandbox image's name as images/build.sh defines it (its PAUSE_* assignments).
+  PAUSE_IMAGE="$(source <(grep -E '^PAUSE_(TAG|IMAGE)=' "$CLUSTER_DIR/images/build.sh"); echo "${PAUSE_IMAGE:-}")"
+  [[ -n "$PAUSE_IMAGE" ]] || die "images/build.sh names no PAUSE_IMAGE"
+  # shellcheck source=real-node.sh
+  source "$CLUSTER_DIR/real-node.sh"
+  ns_setup "$W" "${REAL_NODE_NAMES[0]}"
+fi
 
 # Never let a proxy setting divert loopback traffic.
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
@@ -90,6 +140,8 @@ new_cert admin client-ca "/O=system:masters/CN=kubernetes-admin" clientAuth
 new_cert controller-manager client-ca "/CN=system:kube-controller-manager" clientAuth
 new_cert scheduler client-ca "/CN=system:kube-scheduler" clientAuth
 new_cert kwok client-ca "/O=system:masters/CN=kwok-controller" clientAuth
+# The API server's identity towards kubelets (logs, exec, port-forward on real nodes).
+new_cert apiserver-kubelet-client client-ca "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
 ossl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key"
 ossl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 chmod 600 "$PKI"/*.key
@@ -139,8 +191,9 @@ on_exit() {
 }
 trap on_exit EXIT
 
-start() { # name binary args...
-  local name="$1" exe="$BIN/$2"; shift 2
+start() { # name binary|/abs/path args...
+  local name="$1" exe="$2"; shift 2
+  [[ "$exe" == /* ]] || exe="$BIN/$exe"
   echo "+ $exe $*" > "$LOGS/$name.log"
   "$exe" "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
   PIDS[$name]=$!
@@ -205,6 +258,7 @@ start kube-apiserver kube-apiserver \
   --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
   --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
   --client-ca-file="$PKI/client-ca.crt" \
+  --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
   --authorization-mode=Node,RBAC \
   --service-account-issuer="$SA_ISSUER" --api-audiences="$SA_ISSUER" \
   --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
@@ -309,12 +363,23 @@ export HELM_CONFIG_HOME='$W/config/helm'
 export HELM_DATA_HOME='$W/cache/helm-data'
 export no_proxy='$no_proxy'
 EOF
+if ((REAL_NODES > 0)); then
+  cat >> "$W/env" <<EOF
+# Real nodes: this cluster lives in the namespaces pinned under \$CLUSTER_WORKDIR/ns; run clients
+# with tests/cluster/enter.sh (or nsenter --net=.../ns/net --mount=.../ns/mnt).
+export REAL_NODES='${REAL_NODE_NAMES[*]}'
+export REAL_NODE_IP='$REAL_NODE_IP'
+export CONTAINERD_ADDRESS='$CONTAINERD_SOCK'
+EOF
+fi
 
 # Prove kwok really manages annotated nodes: a probe node must turn Ready.
 CLUSTER_TIMEOUT="$TIMEOUT" "$CLUSTER_DIR/add-nodes.sh" "$W" 1 kwok-probe >"$LOGS/probe.log" 2>&1 ||
   { cat "$LOGS/probe.log" >&2; fail kwok "kwok did not make a probe node Ready"; }
 kc delete node kwok-probe-0 --wait=true >>"$LOGS/probe.log" 2>&1 || fail probe "could not delete the probe node"
 log "kwok manages annotated nodes (probe node turned Ready)"
+
+for n in "${REAL_NODE_NAMES[@]}"; do start_real_node "$n"; done
 
 STARTED=() # success: the cluster belongs to the caller now (down.sh)
 log "cluster up in $((SECONDS - T0))s: $APISERVER (source $W/env)"
