@@ -15,7 +15,7 @@ use futures::{channel::mpsc, StreamExt};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Node, Secret, Service, ServiceAccount},
+        core::v1::{Node, Pod, Secret, Service, ServiceAccount},
         rbac::v1::ClusterRoleBinding,
     },
     apimachinery::pkg::apis::meta::v1::Time,
@@ -37,7 +37,8 @@ use serde_json::json;
 
 use crate::{
     conditions::{
-        self, compute_status, DaemonSetState, Observation, ServiceMonitorState, TlsState,
+        self, compute_status, AgentHealth, AgentsState, DaemonSetState, Observation,
+        ServiceMonitorState, TlsState,
     },
     conflict::{self, Verdict},
     crd::{BioMonitor, BioMonitorStatus},
@@ -75,6 +76,9 @@ pub struct Context {
     reconcile_all: mpsc::UnboundedSender<()>,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<BioMonitor>, u32>>,
+    /// When each BioMonitor's agent pods were last listed: at most once per
+    /// `agent_check_interval`, and only while its DaemonSet is not ready.
+    agent_checks: Mutex<HashMap<ObjectRef<BioMonitor>, Instant>>,
 }
 
 /// What the verdicts depend on: node placement data (via its version) and,
@@ -236,6 +240,7 @@ pub async fn run(
         verdicts: Mutex::default(),
         reconcile_all,
         failures: Mutex::default(),
+        agent_checks: Mutex::default(),
     });
 
     let main = async move {
@@ -459,6 +464,9 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         (ds, sm)
     };
 
+    let agents = check_agents(&bm, ctx, &daemonset).await?;
+    let agents_pending = conditions::needs_agent_check(&daemonset);
+
     let crd_missing = service_monitor == ServiceMonitorState::CrdNotInstalled;
     let tls_waiting = matches!(
         tls.state,
@@ -471,6 +479,7 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         daemonset,
         service_monitor,
         tls: tls.state,
+        agents,
     };
     let now = Time(
         Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
@@ -498,8 +507,81 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     if let Some(recheck) = tls.recheck {
         requeue = requeue.min(recheck);
     }
+    if agents_pending {
+        // A crash-looping agent changes nothing the controller watches:
+        // look at the pods again.
+        requeue = requeue.min(ctx.settings.agent_check_interval);
+    }
     Ok(Action::requeue(requeue))
 }
+
+/// Lists the agent pods when the DaemonSet is not fully ready (and not
+/// within `agent_check_interval` of the last list), to say which agents fail
+/// and why. Page by page, so a large DaemonSet is never held in memory whole.
+async fn check_agents(
+    bm: &BioMonitor,
+    ctx: &Context,
+    daemonset: &DaemonSetState,
+) -> Result<AgentsState> {
+    let key = ObjectRef::from_obj(bm);
+    if !conditions::needs_agent_check(daemonset) {
+        // The next time agents are not ready, look at once.
+        lock(&ctx.agent_checks).remove(&key);
+        return Ok(AgentsState::NotChecked);
+    }
+    {
+        let mut checks = lock(&ctx.agent_checks);
+        if checks
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < ctx.settings.agent_check_interval)
+        {
+            return Ok(AgentsState::Unchanged);
+        }
+        checks.insert(key.clone(), Instant::now());
+    }
+    let namespace = bm
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = names::selector_labels(bm)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut params = ListParams::default()
+        .labels(&selector)
+        .limit(AGENT_PODS_PAGE);
+    let mut health = AgentHealth::default();
+    loop {
+        let page = match api.list(&params).await {
+            Ok(page) => page,
+            // Refused (RBAC, say): that will not fix itself, so report it.
+            // (410 Gone is an expired continue token: retry.)
+            Err(kube::Error::Api(status)) if status.code != 410 => {
+                return Ok(AgentsState::ListFailed(format!(
+                    "{} ({})",
+                    status.message, status.reason
+                )))
+            }
+            Err(source) => {
+                // Let the retry list again instead of keeping the old condition.
+                lock(&ctx.agent_checks).remove(&key);
+                return Err(Error::AgentPods(source));
+            }
+        };
+        for pod in &page.items {
+            health.observe(pod);
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    Ok(AgentsState::Checked(health))
+}
+
+/// Pods per list request when checking agents.
+const AGENT_PODS_PAGE: u32 = 500;
 
 async fn apply_cluster_role_binding(
     ctx: &Context,
@@ -760,6 +842,7 @@ async fn apply_service_monitor(
 }
 
 async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
+    lock(&ctx.agent_checks).remove(&ObjectRef::from_obj(bm.as_ref()));
     // Namespaced children go with their owner references; only the
     // cluster-scoped binding needs deleting by hand.
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
@@ -797,6 +880,14 @@ async fn publish_transition_events(
         (
             conditions::TLS_READY,
             conditions::reason::CERT_MANAGER_NOT_INSTALLED,
+        ),
+        (
+            conditions::AGENTS_HEALTHY,
+            conditions::reason::AGENT_FAILING,
+        ),
+        (
+            conditions::AGENTS_HEALTHY,
+            conditions::reason::IMAGE_PULL_FAILED,
         ),
     ] {
         let now = reason_of(Some(new), type_);

@@ -428,7 +428,8 @@ pub struct BioMonitorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Ready`, `DaemonSetReady`, `ServiceMonitorReady` and `TLSReady`.
+    /// `Ready`, `DaemonSetReady`, `ServiceMonitorReady`, `TLSReady` and
+    /// `AgentsHealthy` (why agents fail, in their own words).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -30,6 +30,9 @@ pub enum Error {
 
     #[error("agent certificates: {0}")]
     Tls(#[from] crate::resources::tls::TlsError),
+
+    #[error("listing the agent pods failed: {0}")]
+    AgentPods(#[source] kube::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,6 +55,7 @@ impl Error {
             Self::Config(_) => "config",
             Self::Io(_) => "io",
             Self::Tls(_) => "tls",
+            Self::AgentPods(_) => "agent_pods",
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Retry period while the ServiceMonitor CRD is missing.
     pub crd_missing_retry: Duration,
+    /// While a DaemonSet is not ready: how often its agent pods are listed
+    /// (at most) to report failing agents.
+    pub agent_check_interval: Duration,
     /// ClusterRole (shipped by the chart) allowing TokenReviews and
     /// SubjectAccessReviews, bound only to agents with `auth: kubernetes`.
     pub agent_auth_cluster_role: String,
@@ -36,6 +39,7 @@ impl Default for Settings {
             agent_cluster_role: "bio-exporter-agent".into(),
             resync_interval: Duration::from_secs(300),
             crd_missing_retry: Duration::from_secs(60),
+            agent_check_interval: Duration::from_secs(30),
             agent_auth_cluster_role: "bio-exporter-agent-auth".into(),
             cluster_domain: "cluster.local".into(),
             cert_lifetimes: crate::resources::tls::Lifetimes::default(),

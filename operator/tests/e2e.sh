@@ -352,6 +352,11 @@ spec:
   devices: {exclude: ["^loop", "^sd[a-z]\$"]}
 EOF
 wait_for 60 "DaemonSetReady=True on 3 nodes" cond_is "$AGENT_NS" disks DaemonSetReady True/AllAgentsReady
+wait_for 10 "AgentsHealthy=True/AllAgentsReady" cond_is "$AGENT_NS" disks AgentsHealthy True/AllAgentsReady
+expect "operator may list pods, but neither get nor watch them" bash -c "
+  KUBECONFIG=$OUT/operator.kubeconfig kubectl auth can-i list pods -n $AGENT_NS >/dev/null &&
+  ! KUBECONFIG=$OUT/operator.kubeconfig kubectl auth can-i get pods -n $AGENT_NS >/dev/null &&
+  ! KUBECONFIG=$OUT/operator.kubeconfig kubectl auth can-i watch pods -n $AGENT_NS >/dev/null"
 wait_for 30 "ServiceMonitorReady=False/CRDNotInstalled without the CRD" cond_is "$AGENT_NS" disks ServiceMonitorReady False/CRDNotInstalled
 T_CRD_MISSING=$SECONDS
 save bm biomonitor -n "$AGENT_NS" disks

@@ -125,6 +125,11 @@ struct Args {
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     crd_retry_interval: Duration,
 
+    /// While a BioMonitor's DaemonSet is not ready, how often (at most) its
+    /// agent pods are listed to report failing agents in its status.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    agent_check_interval: Duration,
+
     /// Log filter, RUST_LOG syntax (e.g. `info` or `bio_operator=debug,kube=info`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -180,6 +185,7 @@ async fn run(args: Args) -> Result<()> {
         agent_cluster_role: args.agent_cluster_role.clone(),
         resync_interval: args.resync_interval,
         crd_missing_retry: args.crd_retry_interval,
+        agent_check_interval: args.agent_check_interval,
         agent_auth_cluster_role: args.agent_auth_cluster_role.clone(),
         cluster_domain: args.cluster_domain.clone(),
         cert_lifetimes: Lifetimes {
