@@ -103,7 +103,7 @@ def scrape_cost(n_devices, scrapes):
             os.truncate(path, 4 << 20)
             files.append(path)
             devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).strip())
-        with agent("--device-include", "loop[0-9]+") as (proc, url):
+        with agent("--device-include", "^loop[0-9]+$") as (proc, url):
             for d in devs:
                 sh("dd", f"if={d}", "of=/dev/null", "bs=4k", "count=4", "iflag=direct", "status=none")
                 sh("dd", "if=/dev/zero", f"of={d}", "bs=4k", "count=4", "oflag=direct", "status=none")

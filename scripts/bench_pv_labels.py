@@ -163,7 +163,7 @@ def main():
             for run in range(RUNS):
                 for labels in (False, True):
                     extra = ["--pv-labels", "--kubelet-root", root] if labels else []
-                    with agent("--device-include", "loop[0-9]+", *extra, env=agent_env) as (proc, url):
+                    with agent("--device-include", "^loop[0-9]+$", *extra, env=agent_env) as (proc, url):
                         write_each(mounts)
                         times, body = scrape_series(url, SCRAPES)
                         rows[labels].append((times, rss_mib(proc.pid), len(body), body))
@@ -183,7 +183,7 @@ def main():
             before = pv_requests(env)
             time.sleep(seconds)
             baseline = delta(before, pv_requests(env))
-            with agent("--device-include", "loop[0-9]+", "--pv-labels", "--kubelet-root", root,
+            with agent("--device-include", "^loop[0-9]+$", "--pv-labels", "--kubelet-root", root,
                        env=agent_env) as (proc, url):
                 time.sleep(5)  # the initial LIST and WATCH
                 before = pv_requests(env)

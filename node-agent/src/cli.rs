@@ -70,13 +70,14 @@ pub struct ServeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
-    /// Export only devices whose kernel name fully matches one of these regexes (repeatable)
-    /// [default: all devices].
+    /// Export only devices whose kernel name matches one of these regexes (repeatable)
+    /// [default: all devices]. Unanchored, like grep: `^nvme` matches nvme0n1, `loop1` also
+    /// matches loop10; write `^loop1$` for exactly one name.
     #[arg(long = "device-include", value_name = "REGEX")]
     pub include: Vec<String>,
 
-    /// Never export devices whose kernel name fully matches one of these regexes (repeatable);
-    /// wins over --device-include.
+    /// Never export devices whose kernel name matches one of these regexes (repeatable;
+    /// unanchored, like grep: `^loop` excludes loop0, loop1, ...); wins over --device-include.
     #[arg(long = "device-exclude", value_name = "REGEX")]
     pub exclude: Vec<String>,
 }

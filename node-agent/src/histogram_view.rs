@@ -37,7 +37,7 @@ pub async fn run(args: HistogramArgs) -> Result<(), AgentError> {
         }
     };
     let filter = match &args.device {
-        Some(d) => DeviceFilter::new(&[regex::escape(d)], &[])?,
+        Some(d) => DeviceFilter::only(d),
         None => DeviceFilter::default(),
     };
     let namer = DeviceNamer::default();

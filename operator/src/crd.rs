@@ -106,17 +106,21 @@ impl Default for BioMonitorSpec {
     }
 }
 
-/// Device filters; both lists hold regular expressions (Rust `regex` syntax,
-/// unanchored) matched against the kernel device name. Exclude wins.
+/// Device filters; both lists hold regular expressions (Rust `regex` syntax)
+/// searched for, unanchored like grep, in the kernel device name. Exclude wins.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceFilter {
-    /// Report only devices matching at least one of these. Empty: all devices.
+    /// Report only devices whose kernel name matches at least one of these
+    /// regexes (unanchored, like grep: `^nvme` matches nvme0n1, and `sda` also
+    /// matches sda1; write `^sda$` for an exact name). Empty: all devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub include: Vec<String>,
 
-    /// Never report devices matching any of these.
+    /// Never report devices whose kernel name matches any of these regexes
+    /// (unanchored, like grep: `^loop` excludes loop0, loop1, ...; anchor with
+    /// `^...$` for an exact name). Wins over include.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub exclude: Vec<String>,

@@ -36,7 +36,7 @@ def test_least_privilege_bpf_and_perfmon_on_a_read_only_binary(loop, tmp_path):
         with pytest.raises(OSError):
             open(ro / "probe", "w")
         wrapper = ["setpriv", "--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all", "--"]
-        agent = Agent(["--device-include", loop.name], wrapper=wrapper, binary=str(ro / "node-agent"))
+        agent = Agent(["--device-include", f"^{loop.name}$"], wrapper=wrapper, binary=str(ro / "node-agent"))
         try:
             status = open(f"/proc/{agent.proc.pid}/status").read()
             capeff = int(next(l for l in status.splitlines() if l.startswith("CapEff:")).split()[1], 16)
@@ -87,7 +87,7 @@ def test_kprobe_mode_names_the_missing_kernel_feature_after_the_verifier_passed(
 
 def test_sigterm_detaches_every_program(loop):
     before = attached_program_ids()
-    agent = Agent(["--device-include", loop.name])
+    agent = Agent(["--device-include", f"^{loop.name}$"])
     during = attached_program_ids() - before
     assert during, "the agent's programs should be listed while it runs"
     links = sh("bpftool", "-j", "link", "list").stdout
@@ -106,7 +106,7 @@ def test_help_lists_every_flag():
 
 
 def test_histogram_view_from_a_running_agent_and_from_the_kernel(agent_factory, loop):
-    agent = agent_factory("--device-include", loop.name)
+    agent = agent_factory("--device-include", f"^{loop.name}$")
     direct_io(loop.path, "read", 16384, 20)
     r = run_agent("histogram", "--from", agent.url + "/metrics", "--count", "1", "--interval", "100ms")
     assert r.returncode == 0, r.stderr

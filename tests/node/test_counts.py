@@ -1,11 +1,13 @@
 """The kernel-side histograms count exactly what the block layer counts (/sys/block/DEV/stat)."""
 import mmap
 import os
+import re
 import subprocess
 
 import pytest
+import yaml
 
-from conftest import direct_io, read_stat, sample, sh, stat_delta, wait_for
+from conftest import REPO, direct_io, read_stat, sample, sh, stat_delta, wait_for
 
 # Modes that attach on a kernel with BTF and tracefs; kprobe has its own test (compiled out here).
 MODES = ["tp_btf", "raw_tp", "tracepoint"]
@@ -19,7 +21,7 @@ def deltas(before, after, name, **labels):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_read_write_counts_and_sizes_match_sysfs(agent_factory, loop, mode):
-    agent = agent_factory("--attach", mode, "--device-include", loop.name)
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
     assert f'mode="{mode}"' in agent.metrics_text()
     m0, s0 = agent.samples(), read_stat(loop.name)
     direct_io(loop.path, "read", 4096, 200)
@@ -52,7 +54,7 @@ def test_read_write_counts_and_sizes_match_sysfs(agent_factory, loop, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_flush_and_discard_have_their_own_operations(agent_factory, loop, mode, tmp_path):
-    agent = agent_factory("--attach", mode, "--device-include", loop.name)
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
     sh("mkfs.ext4", "-q", "-E", "nodiscard", loop.path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -110,7 +112,7 @@ def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent_facto
     # The loop device keeps its 1 MiB size while its file shrinks by 2 KiB: a 4 KiB read at the end
     # completes 2 KiB, is requeued, and fails the rest with -EIO.
     loop = loop_factory(size_bytes=1 << 20, direct_io=True)
-    agent = agent_factory("--attach", mode, "--device-include", loop.name)
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
     os.truncate(loop.backing, (1 << 20) - 2048)
     m0, s0 = agent.samples(), read_stat(loop.name)
     fd = os.open(loop.path, os.O_RDONLY | os.O_DIRECT)
@@ -140,7 +142,7 @@ def test_partial_completion_counts_once_with_all_bytes_and_the_error(agent_facto
 
 
 def test_a_device_that_appears_later_is_measured_without_restart(agent_factory, loop_factory):
-    agent = agent_factory("--device-include", "loop[0-9]+")
+    agent = agent_factory("--device-include", "^loop[0-9]+$")
     late = loop_factory()
     direct_io(late.path, "read", 4096, 10)
     s = agent.samples()
@@ -150,11 +152,50 @@ def test_a_device_that_appears_later_is_measured_without_restart(agent_factory, 
 
 def test_device_exclude_wins_over_include(agent_factory, loop_factory):
     a, b = loop_factory(), loop_factory()
-    agent = agent_factory("--device-include", "loop[0-9]+", "--device-exclude", b.name)
+    agent = agent_factory("--device-include", "^loop[0-9]+$", "--device-exclude", f"^{b.name}$")
     direct_io(a.path, "read", 4096, 5)
     direct_io(b.path, "read", 4096, 5)
     devices = {l["device"] for n, l, _ in agent.samples() if n == f"{LAT}_count"}
     assert a.name in devices and b.name not in devices
+
+
+def documented_device_exclude():
+    """spec.devices.exclude of the BioMonitor example in docs/operator.md (["^loop", "^ram"])."""
+    with open(os.path.join(REPO, "docs", "operator.md")) as f:
+        blocks = re.findall(r"^```yaml\n(.*?)^```", f.read(), re.M | re.S)
+    examples = [d for d in map(yaml.safe_load, blocks)
+                if isinstance(d, dict) and d.get("kind") == "BioMonitor" and "devices" in (d.get("spec") or {})]
+    assert examples, "docs/operator.md has no BioMonitor example with spec.devices"
+    return examples[0]["spec"]["devices"].get("exclude") or []
+
+
+def test_documented_biomonitor_exclude_drops_loop_devices(agent_factory, loop, request):
+    # The operator passes each exclude as --device-exclude=<re>; the patterns are searched for in
+    # the name (unanchored), so the documented "^loop" must drop every loop device.
+    exclude = documented_device_exclude()
+    assert any(re.search(p, loop.name) for p in exclude), f"the documented example {exclude} no longer excludes loop devices"
+    try:  # a device the example does not exclude, to show the filtered agent still exports others
+        other = request.getfixturevalue("zram")
+    except pytest.skip.Exception:
+        other = None
+    filtered = agent_factory(*[arg for p in exclude for arg in ("--device-exclude", p)])
+    unfiltered = agent_factory()
+    direct_io(loop.path, "read", 4096, 5)
+    if other:
+        direct_io(f"/dev/{other}", "write", 4096, 5)
+
+    def devices(agent):
+        return {l["device"] for n, l, _ in agent.samples() if n == f"{LAT}_count"}
+
+    # Without the exclude the same IO is exported: the check below can fail.
+    seen = devices(unfiltered)
+    assert loop.name in seen, seen
+    exported = devices(filtered)
+    assert loop.name not in exported, exported
+    assert not [d for d in exported if any(re.search(p, d) for p in exclude)], exported
+    if other:
+        assert other in seen
+        assert (other in exported) == (not any(re.search(p, other) for p in exclude)), exported
 
 
 @pytest.fixture
@@ -179,7 +220,7 @@ def test_a_queue_without_stats_gets_issue_stamps_from_the_start(agent_factory, l
     # Writeback throttling is what turns a loop queue's stats on: off, the kernel stamps no issue
     # time, and the agent must stamp it itself.
     wbt(loop.name, 0)
-    agent = agent_factory("--device-include", loop.name)
+    agent = agent_factory("--device-include", f"^{loop.name}$")
     assert "issue-time programs attached" in agent.logs()
     m0, s0 = agent.samples(), read_stat(loop.name)
     direct_io(loop.path, "read", 4096, 40)

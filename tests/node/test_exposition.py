@@ -62,7 +62,7 @@ def test_content_type_is_text_0_0_4(agent):
 
 
 def test_series_appear_only_after_io(agent_factory, loop):
-    agent = agent_factory("--device-include", loop.name)
+    agent = agent_factory("--device-include", f"^{loop.name}$")
     text = agent.metrics_text()
     assert "# TYPE ebpf_bio_req_latency histogram" in text
     assert f'device="{loop.name}"' not in text

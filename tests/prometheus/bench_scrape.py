@@ -151,7 +151,7 @@ def main():
         for _ in range(args.devices):
             devs.append(node.LoopDevice(16 << 20))
         names = [d.name for d in devs]
-        agent = node.Agent(["--device-include", "(" + "|".join(names) + ")"], binary=args.agent)
+        agent = node.Agent(["--device-include", "^(" + "|".join(names) + ")$"], binary=args.agent)
         t0 = time.time()
         for d in devs:
             issue_io(d)

@@ -302,7 +302,7 @@ def stack():
         loop = node.LoopDevice(64 << 20)
         cleanup.append(loop.detach)
         s.dev = loop.name
-        agent = node.Agent(["--device-include", loop.name])
+        agent = node.Agent(["--device-include", f"^{loop.name}$"])
         cleanup.append(agent.stop)
 
         if not os.access(PROMETHEUS2, os.X_OK):

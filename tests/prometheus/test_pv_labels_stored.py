@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
         undo.callback(kubelet.cleanup)
         mnt = kubelet.csi_pod_volume(kubelet.pod(), PV, dev=a.path, handle=HANDLE)
 
-        agent = node.Agent(["--device-include", f"{a.name}|{b.name}", "--pv-labels", "--kubelet-root", root],
+        agent = node.Agent(["--device-include", f"^({a.name}|{b.name})$", "--pv-labels", "--kubelet-root", root],
                            env=kube_cluster.agent_env(cluster.env["KUBECONFIG"]))
         undo.callback(agent.stop)
         # Both devices do IO before any Prometheus starts, so every series exists at the first scrape.

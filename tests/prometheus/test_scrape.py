@@ -187,7 +187,7 @@ def test_classic_histograms(server, loop_factory, agent_factory, prometheus_fact
     binary = prometheus_binary(server)
     loop = loop_factory()
     dev = loop.name
-    agent = agent_factory("--device-include", dev)
+    agent = agent_factory("--device-include", f"^{dev}$")
     prom = prometheus_factory(binary, [scrape_config(agent)], name=server)
     wait_target_up(prom)
 
@@ -212,7 +212,7 @@ def test_native_histograms(server, loop_factory, agent_factory, prometheus_facto
     binary = prometheus_binary(server)
     loop = loop_factory()
     dev = loop.name
-    agent = agent_factory("--device-include", dev)
+    agent = agent_factory("--device-include", f"^{dev}$")
     require_protobuf(agent)
 
     three = server == "prometheus3"
