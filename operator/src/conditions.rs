@@ -1157,6 +1157,44 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_own_seccomp_eperm_output_is_quoted_clean() {
+        // Captured from the node-agent (attach tp_btf) run under a seccomp
+        // filter failing bpf() and perf_event_open() with EPERM, as a
+        // runtime's default profile without CAP_SYS_ADMIN does; coloured,
+        // as the agent logs.
+        const LOG: &str = concat!(
+            "\u{1b}[2m2026-11-29T23:12:11.280737Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mnode_agent\u{1b}[0m\u{1b}[2m:\u{1b}[0m serving /metrics, /healthz, /readyz \u{1b}[3mlisten\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:19436 \u{1b}[3mscheme\u{1b}[0m\u{1b}[2m=\u{1b}[0mhttp \u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0mvm\n",
+            "\u{1b}[2m2026-11-29T23:12:11.401550Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mnode_agent::bpf\u{1b}[0m\u{1b}[2m:\u{1b}[0m kernel facts \u{1b}[3mbtf\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue \u{1b}[3mqueue_flag_stats_bit\u{1b}[0m\u{1b}[2m=\u{1b}[0mSome(7) \u{1b}[3mtracefs\u{1b}[0m\u{1b}[2m=\u{1b}[0mSome(\"/sys/kernel/tracing\")\n",
+            "libbpf: Failed to bump RLIMIT_MEMLOCK (err = -EPERM), you might need to do it explicitly!\n",
+            "libbpf: Error in bpf_object__probe_loading(): -EPERM. Couldn't load trivial BPF program. Make sure your kernel supports BPF (CONFIG_BPF_SYSCALL=y) and/or that RLIMIT_MEMLOCK is set to big enough value.\n",
+            "libbpf: failed to load BPF skeleton 'bio_bpf': -EPERM\n",
+            "error: attach mode tp_btf is not available: loading programs (verifier): Operation not permitted (os error 1)\n",
+        );
+        let f = agent_failure(&crash_looping("node-a", LOG)).unwrap();
+        assert_eq!(f.reason, reason::AGENT_FAILING);
+        assert_eq!(
+            f.detail,
+            "the agent exited with code 1: \
+             libbpf: Error in bpf_object__probe_loading(): -EPERM. Couldn't load trivial BPF program. Make sure your kernel supports BPF (CONFIG_BPF_SYSCALL=y) and/or that RLIMIT_MEMLOCK is set to big enough value. | \
+             libbpf: failed to load BPF skeleton 'bio_bpf': -EPERM | \
+             error: attach mode tp_btf is not available: loading programs (verifier): Operation not permitted (os error 1)"
+        );
+        // As docs/operator.md quotes it.
+        let s = compute_status(None, &checked(&[crash_looping("node-a", LOG)]), &t(1));
+        assert_eq!(
+            get(&s, AGENTS_HEALTHY).message,
+            format!("1 of 1 agent failing: node node-a: {}", f.detail)
+        );
+        // Lines before the error, coloured: escapes go, text stays.
+        let two = LOG.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(
+            excerpt(&two),
+            "2026-11-29T23:12:11.280737Z  INFO node_agent: serving /metrics, /healthz, /readyz listen=127.0.0.1:19436 scheme=http node=vm | \
+             2026-11-29T23:12:11.401550Z  INFO node_agent::bpf: kernel facts btf=true queue_flag_stats_bit=Some(7) tracefs=Some(\"/sys/kernel/tracing\")"
+        );
+    }
+
+    #[test]
     fn only_the_last_three_lines_are_kept() {
         let log = "one\ntwo\n\nthree\nfour\n\n";
         let f = agent_failure(&crash_looping("n", log)).unwrap();

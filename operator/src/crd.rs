@@ -253,6 +253,39 @@ pub struct AgentSpec {
     /// Log level of the agent.
     #[serde(default)]
     pub log_level: LogLevel,
+
+    /// seccomp profile of the agent container. `RuntimeDefault`: the
+    /// container runtime's default profile (containerd's allows bpf() and
+    /// perf_event_open() with CAP_BPF and CAP_PERFMON). `Unconfined`: for
+    /// runtimes whose default profile allows them only with CAP_SYS_ADMIN
+    /// (older Docker, some CRI-O versions), where the agent exits with
+    /// "loading programs (verifier): Operation not permitted (os error 1)".
+    #[serde(default)]
+    pub seccomp_profile: AgentSeccompProfile,
+}
+
+/// seccomp profile of the agent container (`securityContext.seccompProfile.type`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AgentSeccompProfile {
+    /// The container runtime's default profile. containerd's allows bpf()
+    /// and perf_event_open() to a container holding CAP_BPF and CAP_PERFMON.
+    #[default]
+    RuntimeDefault,
+    /// No syscall filtering. For runtimes whose default profile allows bpf()
+    /// and perf_event_open() only with CAP_SYS_ADMIN (older Docker, some
+    /// CRI-O versions). Needs a namespace that admits privileged pods, which
+    /// the agent's namespace has to be anyway.
+    Unconfined,
+}
+
+impl AgentSeccompProfile {
+    /// The value of a container's `securityContext.seccompProfile.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RuntimeDefault => "RuntimeDefault",
+            Self::Unconfined => "Unconfined",
+        }
+    }
 }
 
 impl Default for AgentSpec {
@@ -266,6 +299,7 @@ impl Default for AgentSpec {
             extra_capabilities: Vec::new(),
             priority_class_name: None,
             log_level: LogLevel::default(),
+            seccomp_profile: AgentSeccompProfile::default(),
         }
     }
 }
@@ -568,6 +602,10 @@ mod tests {
         assert!(bm.spec.persistent_volume_labels);
         assert_eq!(bm.spec.agent.port, 9435);
         assert!(!bm.spec.agent.privileged);
+        assert_eq!(
+            bm.spec.agent.seccomp_profile,
+            AgentSeccompProfile::RuntimeDefault
+        );
         assert!(bm.spec.service_monitor.enabled);
     }
 
@@ -587,6 +625,12 @@ mod tests {
         assert_eq!(spec["agent"]["properties"]["port"]["default"], 9435);
         assert_eq!(spec["agent"]["properties"]["port"]["minimum"], 1024.0);
         assert_eq!(spec["agent"]["properties"]["port"]["maximum"], 65535.0);
+        let seccomp = &spec["agent"]["properties"]["seccompProfile"];
+        assert_eq!(seccomp["default"], "RuntimeDefault");
+        assert_eq!(
+            seccomp["enum"],
+            serde_json::json!(["RuntimeDefault", "Unconfined"])
+        );
         assert_eq!(
             spec["serviceMonitor"]["properties"]["enabled"]["default"],
             true

@@ -185,12 +185,12 @@ fn escape_env_expansion(s: &str) -> String {
 
 /// Least privilege that still loads and attaches BPF programs.
 pub fn security_context(agent: &AgentSpec) -> SecurityContext {
-    // seccomp: containerd's and CRI-O's RuntimeDefault profiles (and older
-    // Docker ones) allow bpf() and perf_event_open() only to CAP_SYS_ADMIN,
-    // which the agent deliberately does not get; with RuntimeDefault the
-    // syscalls fail with EPERM even though CAP_BPF/CAP_PERFMON are held.
+    // seccomp: containerd's default profile allows bpf() and
+    // perf_event_open() to a container holding CAP_BPF/CAP_PERFMON. Runtimes
+    // whose profile allows them only with CAP_SYS_ADMIN (older Docker, some
+    // CRI-O versions) fail them with EPERM: those need the Unconfined opt-in.
     let seccomp = Some(SeccompProfile {
-        type_: "Unconfined".into(),
+        type_: agent.seccomp_profile.as_str().into(),
         ..SeccompProfile::default()
     });
     // Capabilities only take effect for uid 0 in the container (no ambient
@@ -333,7 +333,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        crd::{AttachMode, AuthMode, BioMonitorSpec, DeviceFilter, LogLevel, PullPolicy},
+        crd::{
+            AgentSeccompProfile, AttachMode, AuthMode, BioMonitorSpec, DeviceFilter, LogLevel,
+            PullPolicy,
+        },
         resources::test_support::monitor,
     };
 
@@ -374,7 +377,39 @@ mod tests {
             caps.add,
             Some(vec!["BPF".to_string(), "PERFMON".to_string()])
         );
-        assert_eq!(sc.seccomp_profile.unwrap().type_, "Unconfined");
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn seccomp_profile_follows_the_spec_privileged_or_not() {
+        for privileged in [false, true] {
+            for (profile, wanted) in [
+                (AgentSeccompProfile::RuntimeDefault, "RuntimeDefault"),
+                (AgentSeccompProfile::Unconfined, "Unconfined"),
+            ] {
+                let mut spec = BioMonitorSpec::default();
+                spec.agent.privileged = privileged;
+                spec.agent.seccomp_profile = profile;
+                let seccomp = container(&build(spec))
+                    .security_context
+                    .clone()
+                    .unwrap()
+                    .seccomp_profile
+                    .unwrap();
+                assert_eq!(seccomp.type_, wanted, "privileged: {privileged}");
+                assert_eq!(seccomp.localhost_profile, None);
+            }
+        }
+    }
+
+    #[test]
+    fn failing_agents_leave_their_log_tail_in_the_termination_message() {
+        let c = container(&build(BioMonitorSpec::default())).clone();
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        assert_eq!(c.name, names::AGENT_CONTAINER);
     }
 
     #[test]
