@@ -1,0 +1,164 @@
+"""A cluster with one real node (tests/cluster/up.sh --real-nodes 1) as seen from a test.
+
+The cluster lives in a private network and mount namespace; every client command goes through
+tests/cluster/enter.sh. What is global on the host (processes, cgroups, BPF, /sys/block) is read
+directly.
+"""
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+CLUSTER = os.path.join(REPO, "tests", "cluster")
+NODE = "real-node-0"
+
+
+class RealCluster:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.env = {}
+        with open(os.path.join(workdir, "env")) as f:
+            for m in re.finditer(r"^export (\w+)='([^']*)'", f.read(), re.M):
+                self.env[m.group(1)] = m.group(2)
+
+    def run(self, *args, stdin=None, timeout=120, check=True):
+        """A command inside the cluster's namespaces, from the repository root."""
+        r = subprocess.run([os.path.join(CLUSTER, "enter.sh"), self.workdir, *args], input=stdin,
+                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if check:
+            assert r.returncode == 0, f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        return r
+
+    def sh(self, script, **kw):
+        return self.run("bash", "-c", script, **kw)
+
+    def kubectl(self, *args, stdin=None, check=True):
+        return self.run("kubectl", "--request-timeout=20s", *args, stdin=stdin, check=check).stdout
+
+    def get(self, *args):
+        return json.loads(self.kubectl("get", "-o", "json", *args))
+
+    def http(self, url, *curl_args):
+        """(status, body) of a GET from inside the cluster's network namespace."""
+        r = self.run("curl", "-sS", "--max-time", "10", "-o", "/dev/stdout", "-w", "\n%{http_code}",
+                     *curl_args, url, check=False)
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def ctr(self, *args):
+        return self.run("ctr", "--address", self.env["CONTAINERD_ADDRESS"], "-n", "k8s.io", *args).stdout
+
+
+def wait_for(predicate, timeout, what, interval=1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except AssertionError as e:  # a check inside the predicate: keep its message
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+def fenced_blocks(markdown, heading):
+    """The ``` blocks of the section under `heading` (up to the next heading of its level)."""
+    level = heading.split(" ", 1)[0]
+    m = re.search(r"^" + re.escape(heading) + r"\s*$", markdown, re.M)
+    assert m, f"no section {heading!r}"
+    rest = markdown[m.end():]
+    end = re.search(r"^" + level + r" ", rest, re.M)
+    section = rest[: end.start()] if end else rest
+    return re.findall(r"^```[a-z]*\n(.*?)^```", section, re.M | re.S)
+
+
+def readme_quickstart():
+    """(helm install argv, BioMonitor YAML) from the README's own Kubernetes quick start."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = fenced_blocks(f.read(), "## On Kubernetes")
+    script = blocks[0]
+    helm = next(line for line in script.splitlines() if line.startswith("helm install "))
+    heredoc = re.search(r"kubectl apply -f - <<'EOF'\n(.*?)^EOF$", script, re.M | re.S)
+    assert heredoc, "the README's quick start has no `kubectl apply -f - <<'EOF'` BioMonitor"
+    return helm.split(), heredoc.group(1)
+
+
+def docs_example_biomonitor():
+    """The full example BioMonitor of docs/operator.md ("The BioMonitor API")."""
+    with open(os.path.join(REPO, "docs", "operator.md")) as f:
+        blocks = fenced_blocks(f.read(), "## The BioMonitor API")
+    return next(b for b in blocks if "kind: BioMonitor" in b)
+
+
+# Capability numbers (linux/capability.h).
+CAP_PERFMON, CAP_BPF = 38, 39
+
+
+def proc_status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def cap_set(hexmask):
+    v = int(hexmask, 16)
+    return {bit for bit in range(64) if v >> bit & 1}
+
+
+def root_mount_options(pid):
+    """Mount options of the process's root filesystem ('/' in its own mountinfo)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == "/":
+                return set(fields[5].split(","))
+    raise AssertionError(f"no / in /proc/{pid}/mountinfo")
+
+
+# Our BPF programs' names (bpf/bio.bpf.c), as the kernel truncates them (15 characters).
+OUR_PROGRAMS = re.compile(r"^(btf|raw|tp|kp)_(rq|bio)_")
+
+
+def _bpf_holders():
+    """{prog_id: {pid}}: which processes hold a program (or a link to it) open, from fdinfo."""
+    holders = {}
+    for info in glob.glob("/proc/[0-9]*/fdinfo/*"):
+        try:
+            with open(info) as f:
+                m = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
+        except OSError:
+            continue
+        if m:
+            holders.setdefault(int(m.group(1)), set()).add(int(info.split("/")[2]))
+    return holders
+
+
+def _in_a_pod(pid):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return "/kubepods" in f.read()
+    except OSError:
+        return False
+
+
+def our_bpf_programs():
+    """{id: name} of loaded BPF programs of ours (bpf/bio.bpf.c's names) that a pod holds or that
+    nobody holds (a leak). Programs another agent on the host holds (another test suite's) are
+    not this cluster's."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    progs = {p["id"]: p.get("name", "") for p in json.loads(out or "[]") if OUR_PROGRAMS.match(p.get("name", ""))}
+    if not progs:
+        return progs
+    holders = _bpf_holders()
+    return {i: n for i, n in progs.items() if not holders.get(i) or any(map(_in_a_pod, holders[i]))}
+
+
+def our_bpf_links():
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+    progs = our_bpf_programs()
+    return [link for link in json.loads(out or "[]") if link.get("prog_id") in progs]
