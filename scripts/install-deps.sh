@@ -18,9 +18,12 @@ TEST=(bpftool fio prometheus e2fsprogs util-linux openssl curl jq)
 # check the static binaries.
 BUILDER_PACKAGES=(buildah)
 IMAGES=(gcc libc6-dev busybox-static binutils file)
+# The real node of tests/cluster (up.sh --real-nodes): the container runtime, its OCI runtime
+# (crun fails on this cgroup layout), the CNI plugins, and iptables for the one Service DNAT.
+REAL_NODE=(containerd runc containernetworking-plugins iptables)
 
 case "${1:-all}" in
-  all) PACKAGES=("${BUILD[@]}" "${TEST[@]}" "${BUILDER_PACKAGES[@]}" "${IMAGES[@]}") ;;
+  all) PACKAGES=("${BUILD[@]}" "${TEST[@]}" "${BUILDER_PACKAGES[@]}" "${IMAGES[@]}" "${REAL_NODE[@]}") ;;
   images) PACKAGES=("${BUILD[@]}" "${IMAGES[@]}") ;;
   images-builder) PACKAGES=("${BUILDER_PACKAGES[@]}") ;;
   *) echo "usage: $0 [all|images|images-builder]" >&2; exit 2 ;;
