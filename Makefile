@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release tracefs run test test-unit test-node test-cluster test-prometheus lint bench bench-pv-labels crds clean
+.PHONY: deps build build-release static images tracefs run test test-unit test-node test-cluster test-prometheus lint bench bench-pv-labels crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -16,6 +16,18 @@ build: deps
 
 build-release: deps
 	cargo build --release -p node-agent
+
+# The release build: both binaries fully static (glibc too) in dist/linux-amd64/, checked with
+# ldd and started in an empty chroot. Release artefacts and the images are these files.
+static:
+	@scripts/install-deps.sh images
+	scripts/build-static.sh
+
+# The node-agent and operator images (node-agent/Dockerfile, operator/Dockerfile: FROM scratch +
+# the static binary) with buildah, podman or docker (BUILDER=...), tagged as the chart's defaults,
+# saved as archives in ~/.cache/bio-exporter/images/.
+images: static
+	scripts/build-images.sh
 
 # Classic tracepoints need tracefs; mounting it is what a node's init normally does.
 tracefs:
