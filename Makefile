@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release static images tracefs run test test-unit test-node test-cluster test-prometheus lint bench bench-pv-labels crds clean
+.PHONY: deps build build-release static images tracefs run test test-unit test-node test-cluster test-prometheus test-real-node lint bench bench-pv-labels crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -57,7 +57,13 @@ test-cluster: build
 test-prometheus: build tracefs
 	BIO_AGENT_BIN=$(AGENT_DEBUG) tests/prometheus/run.sh
 
-test: lint test-unit test-node test-prometheus test-cluster
+# The user's path on a real kubelet (tests/cluster/up.sh --real-nodes 1): the images from
+# `make images`, the chart's operator Deployment, the README's BioMonitor, agents as real pods,
+# a PVC on a local PV, faults, and the host left as before. As root.
+test-real-node: build images tracefs
+	tests/realnode/run.sh
+
+test: lint test-unit test-node test-prometheus test-cluster test-real-node
 
 bench: build-release tracefs
 	scripts/bench.sh
