@@ -33,12 +33,20 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define MAX_HIST_KEYS 4096
 /* Sentinel for queue_flag_stats_bit: the agent could not resolve QUEUE_FLAG_STATS from BTF. */
 #define QUEUE_FLAG_UNKNOWN 0xffffffffU
+/* Sentinel for rqf_io_stat_bit: no __RQF_IO_STAT in the kernel's BTF. */
+#define RQF_BIT_UNKNOWN 0xffffffffU
 
 /*
  * Set by the agent before load. QUEUE_FLAG_STATS is an enumerator of an anonymous enum, so CO-RE
  * cannot relocate it; the agent finds its value in the kernel's BTF.
  */
 const volatile __u32 queue_flag_stats_bit = QUEUE_FLAG_UNKNOWN;
+/*
+ * Bit of __RQF_IO_STAT in request.rq_flags, likewise found by the agent in BTF (its enum was
+ * anonymous until 2025; older kernels had #defines): set on the requests the kernel accounts in
+ * /sys/block/DEV/stat.
+ */
+const volatile __u32 rqf_io_stat_bit = RQF_BIT_UNKNOWN;
 
 /* Classic tracepoints: field offsets read by the agent from tracefs format files. */
 struct tp_fields {
@@ -212,6 +220,19 @@ static __always_inline bool take_start(struct start_key *key, struct start_val *
 
 /* ---- Request-based devices: mode-independent logic on values already read from the request */
 
+/*
+ * Request fields read only at the zero-byte end step of a write (see rq_completed()). A flavor
+ * of struct request (CO-RE drops the ___ suffix), so that kernel_types.h stays as it is.
+ */
+enum mq_rq_state {
+	MQ_RQ_IDLE = 0,
+};
+
+struct request___end_step {
+	__u32 rq_flags; /* req_flags_t */
+	enum mq_rq_state state;
+} __attribute__((preserve_access_index));
+
 struct rq_at_complete {
 	__u64 id;
 	__u32 dev;
@@ -219,6 +240,9 @@ struct rq_at_complete {
 	__u32 remaining_bytes;
 	__u64 io_start_ns;
 	__u64 alloc_ns;
+	/* Read only for a write's zero-byte end step: */
+	bool never_issued; /* rq->state is MQ_RQ_IDLE: the driver never saw this request */
+	bool alloc_stamped; /* alloc_ns (rq->start_time_ns) was stamped for this request */
 };
 
 /* A partial entry of this very request, not a leftover of an earlier one at the same address. */
@@ -252,6 +276,56 @@ static __always_inline void rq_issued(__u64 id, unsigned long queue_flags, __u32
 	remember_start(&key, &val);
 }
 
+/* The completion that rq_completed() must look closer at: a write ending with no bytes left. */
+static __always_inline bool is_write_end_step(__u32 op, __u32 remaining_bytes, __u32 nr_bytes)
+{
+	return nr_bytes == 0 && remaining_bytes == 0 &&
+	       op == bpf_core_enum_value(enum req_op, REQ_OP_WRITE);
+}
+
+/*
+ * Whether rq->start_time_ns belongs to this request. Recent kernels (6.18 here) stamp it only in
+ * blk_account_io_start(), for the requests they account in /sys/block/DEV/stat (RQF_IO_STAT), and
+ * otherwise leave what the last request in that slot had (seen: a value minutes old), so the flag
+ * decides. Kernels whose BTF has no __RQF_IO_STAT (RQF_* were #defines) stamp at allocation and
+ * zero the stamp when they take none.
+ */
+static __always_inline bool start_time_is_stamped(__u32 rq_flags, __u64 start_time_ns)
+{
+	if (rqf_io_stat_bit == RQF_BIT_UNKNOWN)
+		return start_time_ns != 0;
+	return (rq_flags >> (rqf_io_stat_bit & 31)) & 1;
+}
+
+/*
+ * A write ending with no bytes left is one of two things, and rq->bio does not tell them apart
+ * (blk_flush_restore_request() puts the bio back before the last end step in both):
+ *  - the end step of a data write with PREFLUSH/FUA: its data completed earlier (observed then) and
+ *    the flush sequence now ends the request again. Not another IO: /sys/block/DEV/stat does not
+ *    count it either. The request went to the driver for its data step, so its state is no longer
+ *    MQ_RQ_IDLE (MQ_RQ_COMPLETE, or MQ_RQ_IN_FLIGHT for drivers that end requests directly).
+ *  - an empty write with PREFLUSH (fsync, sync: blkdev_issue_flush()): the flush runs as a request of
+ *    its own (counted as a flush), and this request is ended without ever being issued to the
+ *    driver, still MQ_RQ_IDLE. /sys/block/DEV/stat counts it as a write of 0 sectors, and so do
+ *    we. It has no issue time; its latency is from rq->start_time_ns, when the kernel made it a
+ *    request (the interval /sys/block/DEV/stat adds to its write ticks): the wait for its flush.
+ *    Without a stamp of its own it is counted lost (no_start_time), never given a stale one.
+ * Kernels without rq->state (before 4.18) cannot tell: both are left out there.
+ */
+static __always_inline void rq_write_end_step(struct rq_at_complete *rq, int error)
+{
+	if (!rq->never_issued)
+		return;
+
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!rq->alloc_stamped || rq->alloc_ns == 0 || rq->alloc_ns > now) {
+		count_lost(LOST_NO_START_TIME);
+		return;
+	}
+	observe(rq->dev, rq->op, now - rq->alloc_ns, 0, error != 0);
+}
+
 /*
  * block_rq_complete fires once per completion step; a partial step (fewer bytes than remain) is
  * carried in `partials` and the request is observed once, at its last step, with every byte it
@@ -259,14 +333,10 @@ static __always_inline void rq_issued(__u64 id, unsigned long queue_flags, __u32
  */
 static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_bytes, int error)
 {
-	/*
-	 * A write with PREFLUSH/FUA runs as a flush sequence: its data completes first (observed
-	 * then), and when the sequence ends the kernel completes the request again with no bytes left.
-	 * That second step is not another IO: /sys/block/DEV/stat does not count it either.
-	 */
-	if (nr_bytes == 0 && rq->remaining_bytes == 0 &&
-	    rq->op == bpf_core_enum_value(enum req_op, REQ_OP_WRITE))
+	if (is_write_end_step(rq->op, rq->remaining_bytes, nr_bytes)) {
+		rq_write_end_step(rq, error);
 		return;
+	}
 
 	__u64 now = bpf_ktime_get_ns();
 	__u64 start_ns = rq->io_start_ns;
@@ -377,6 +447,13 @@ int BPF_PROG(btf_rq_complete, struct request *rq, int error, unsigned int nr_byt
 		.alloc_ns = rq->start_time_ns,
 	};
 
+	if (is_write_end_step(c.op, c.remaining_bytes, nr_bytes) &&
+	    bpf_core_field_exists(((struct request___end_step *)rq)->state)) {
+		struct request___end_step *r = (void *)rq;
+
+		c.never_issued = r->state == bpf_core_enum_value(enum mq_rq_state, MQ_RQ_IDLE);
+		c.alloc_stamped = start_time_is_stamped(r->rq_flags, c.alloc_ns);
+	}
 	rq_completed(&c, nr_bytes, error);
 	return 0;
 }
@@ -418,9 +495,21 @@ static __always_inline void core_rq_complete(struct request *rq, int error, unsi
 		.io_start_ns = BPF_CORE_READ(rq, io_start_time_ns),
 	};
 
-	/* Only partial completions compare allocation stamps: spare every other IO the read. */
+	/*
+	 * Only partial completions compare allocation stamps, and only a write's zero-byte end step
+	 * needs the state and flags: spare every other IO the reads.
+	 */
 	if (partial_entries || nr_bytes < c.remaining_bytes)
 		c.alloc_ns = BPF_CORE_READ(rq, start_time_ns);
+	if (is_write_end_step(c.op, c.remaining_bytes, nr_bytes) &&
+	    bpf_core_field_exists(((struct request___end_step *)rq)->state)) {
+		struct request___end_step *r = (void *)rq;
+
+		c.alloc_ns = BPF_CORE_READ(rq, start_time_ns);
+		c.never_issued = BPF_CORE_READ(r, state) ==
+				 bpf_core_enum_value(enum mq_rq_state, MQ_RQ_IDLE);
+		c.alloc_stamped = start_time_is_stamped(BPF_CORE_READ(r, rq_flags), c.alloc_ns);
+	}
 
 	rq_completed(&c, nr_bytes, error);
 }
@@ -566,7 +655,12 @@ int tp_rq_complete(void *ctx)
 	TP_FIELD(ctx, tp_complete_fields.error, error);
 	key.id = normalize_sector(sector);
 
-	/* The end of a write's flush sequence; see rq_completed(). */
+	/*
+	 * A write ending with no sectors: the end step of a data write's flush sequence, or an empty
+	 * PREFLUSH write (see rq_write_end_step()). The record (a "W" rwbs, no sectors, no request
+	 * pointer) is alike for both, so both are left out: this mode does not count the empty
+	 * writes that /sys/block/DEV/stat counts (README, "What is measured, exactly").
+	 */
 	if (nr_sector == 0 && classic_op_at(ctx, tp_complete_fields.rwbs) == CLASSIC_OP_WRITE)
 		return 0;
 

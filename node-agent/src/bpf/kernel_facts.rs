@@ -14,6 +14,9 @@ pub struct KernelFacts {
     pub has_btf: bool,
     /// Bit of QUEUE_FLAG_STATS in request_queue.queue_flags (an anonymous enum: no CO-RE).
     pub queue_flag_stats_bit: Option<u32>,
+    /// Bit of __RQF_IO_STAT in request.rq_flags (an enumerator of `enum rqf_flags`, anonymous
+    /// before 2025: no CO-RE; older kernels had #defines, absent from BTF).
+    pub rqf_io_stat_bit: Option<u32>,
     pub ops: OpNames,
     pub tracefs: Option<PathBuf>,
 }
@@ -28,12 +31,18 @@ impl KernelFacts {
         } else {
             None
         };
-        let (queue_flag_stats_bit, ops) = match &btf {
+        let bit = |btf: &Btf, name: &str| {
+            enumerator(btf, name)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|b| *b < 32)
+        };
+        let (queue_flag_stats_bit, rqf_io_stat_bit, ops) = match &btf {
             Some(btf) => (
                 enumerator(btf, "QUEUE_FLAG_STATS").and_then(|v| u32::try_from(v).ok()),
+                bit(btf, "__RQF_IO_STAT"),
                 req_op_names(btf),
             ),
-            None => (None, OpNames::current_kernel()),
+            None => (None, None, OpNames::current_kernel()),
         };
         let tracefs = TRACEFS_MOUNTS
             .iter()
@@ -42,6 +51,7 @@ impl KernelFacts {
         Self {
             has_btf: btf.is_some(),
             queue_flag_stats_bit,
+            rqf_io_stat_bit,
             ops,
             tracefs,
         }

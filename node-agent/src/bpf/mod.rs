@@ -409,6 +409,7 @@ pub fn attach(requested: AttachMode) -> Result<Attached, BpfError> {
     tracing::info!(
         btf = facts.has_btf,
         queue_flag_stats_bit = ?facts.queue_flag_stats_bit,
+        rqf_io_stat_bit = ?facts.rqf_io_stat_bit,
         tracefs = ?facts.tracefs,
         "kernel facts"
     );
@@ -489,6 +490,11 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         rodata.queue_flag_stats_bit = bit;
     } else {
         tracing::warn!("QUEUE_FLAG_STATS not found in kernel BTF: every request takes the start-table path (slower)");
+    }
+    // Absent on kernels whose RQF_* flags are #defines; the programs then trust a non-zero
+    // rq->start_time_ns, which those kernels zero when they take no stamp (see bio.bpf.c).
+    if let Some(bit) = facts.rqf_io_stat_bit {
+        rodata.rqf_io_stat_bit = bit;
     }
     if mode == AttachMode::Tracepoint {
         let tracefs = facts.tracefs.as_deref().ok_or("tracefs missing")?;
