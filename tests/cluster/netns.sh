@@ -86,32 +86,32 @@ ns_setup() {
 # ns_kill_all WORKDIR: SIGKILL every process still in the cluster's mount namespace or in a
 # kubepods cgroup (pods, container shims, anything a test left), then wait for them to go.
 ns_kill_all() {
-  local w="$1" want pids=() p i
-  ns_exists "$w" || return 0
-  want="$(stat -L -c %i "$w/ns/mnt")"
-  for ((i = 0; i < 50; i++)); do
-    pids=()
-    for p in /proc/[0-9]*; do
-      [[ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" == "$want" ]] && pids+=("${p#/proc/}")
-    done
-    mapfile -t -O "${#pids[@]}" pids < <(kubepods_procs)
-    ((${#pids[@]} == 0)) && return 0
-    kill -KILL "${pids[@]}" 2>/dev/null || true
-    sleep 0.2
-  done
-  log "processes survived SIGKILL: ${pids[*]}"
+  ns_exists "$1" || return 0
+  NS_MNT_INODE="$(stat -L -c %i "$1/ns/mnt")" kill_until_gone processes ns_and_pod_procs
 }
 
 # ns_kill_pods: SIGKILL every process in a kubepods cgroup (the pods) until none is left.
-ns_kill_pods() {
-  local pids=() i
+ns_kill_pods() { kill_until_gone "pod processes" kubepods_procs; }
+
+# kill_until_gone WHAT LISTER: SIGKILL the PIDs LISTER prints until it prints none (10 s at most).
+kill_until_gone() {
+  local what="$1" lister="$2" pids=() i
   for ((i = 0; i < 50; i++)); do
-    mapfile -t pids < <(kubepods_procs)
+    mapfile -t pids < <("$lister")
     ((${#pids[@]} == 0)) && return 0
     kill -KILL "${pids[@]}" 2>/dev/null || true
     sleep 0.2
   done
-  log "pod processes survived SIGKILL: ${pids[*]}"
+  log "$what survived SIGKILL: ${pids[*]}"
+}
+
+# ns_and_pod_procs: PIDs in the mount namespace whose inode is $NS_MNT_INODE, and pods.
+ns_and_pod_procs() {
+  local p
+  for p in /proc/[0-9]*; do
+    [[ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" == "$NS_MNT_INODE" ]] && echo "${p#/proc/}"
+  done
+  kubepods_procs
 }
 
 # kubepods_procs: PIDs in any kubepods cgroup (cgroup v1 hierarchies and v2).
