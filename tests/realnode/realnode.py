@@ -162,3 +162,46 @@ def our_bpf_links():
     out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
     progs = our_bpf_programs()
     return [link for link in json.loads(out or "[]") if link.get("prog_id") in progs]
+
+
+def make_local_pv(c, pv, claim, namespace, size_mib=64):
+    """A loop device (in /dev/shm, detached by down.sh via <workdir>/loops) with ext4 mounted in
+    the cluster's namespace, a local PersistentVolume on it pinned to the node, and a claim bound
+    to it. Returns the LoopDevice."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
+    from node_fixtures import node  # tests/node/conftest.py under its own name
+
+    loop = node.LoopDevice(size_mib << 20)
+    with open(os.path.join(c.workdir, "loops"), "a") as f:
+        f.write(loop.path + "\n")
+    mnt = os.path.join(c.workdir, "realnode", "pv", pv)
+    # No lazy inode-table init: it would write in the background and the device never be idle.
+    c.sh(f"mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 {loop.path} && mkdir -p {mnt} && "
+         f"mount {loop.path} {mnt} && chmod 777 {mnt}")
+    c.kubectl("create", "namespace", namespace, check=False)
+    c.kubectl("apply", "-f", "-", stdin=f"""
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {pv}}}
+spec:
+  capacity: {{storage: {size_mib}Mi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: local-disks
+  local: {{path: {mnt}}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{NODE}]}}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {claim}, namespace: {namespace}}}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: local-disks
+  volumeName: {pv}
+  resources: {{requests: {{storage: {size_mib}Mi}}}}
+""")
+    return loop

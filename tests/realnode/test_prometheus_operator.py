@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 import test_real_node as trn
-from realnode import CLUSTER, NODE, REPO, readme_quickstart, wait_for
+from realnode import CLUSTER, NODE, REPO, make_local_pv, readme_quickstart, wait_for
 from test_real_node import (AGENTS_NS, OPERATOR_NS, apply_biomonitor, delete_biomonitor_and_wait_clean, ready_agent,
                             record)
 
@@ -364,39 +364,8 @@ def _start_prometheuses(c, s):
 
 
 def _local_pv(c, s):
-    loop = node.LoopDevice(64 << 20)
-    s.loop = loop
-    with open(os.path.join(c.workdir, "loops"), "a") as f:
-        f.write(loop.path + "\n")
-    mnt = os.path.join(c.workdir, "realnode", "pv", PV)
-    # No lazy inode-table init: it would write in the background and the device never be idle.
-    c.sh(f"mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 {loop.path} && mkdir -p {mnt} && "
-         f"mount {loop.path} {mnt} && chmod 777 {mnt}")
-    c.kubectl("create", "namespace", PVC_NS, check=False)
-    c.kubectl("apply", "-f", "-", stdin=f"""
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {PV}}}
-spec:
-  capacity: {{storage: 64Mi}}
-  accessModes: [ReadWriteOnce]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: local-disks
-  local: {{path: {mnt}}}
-  nodeAffinity:
-    required:
-      nodeSelectorTerms:
-      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{NODE}]}}]
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {PVC}, namespace: {PVC_NS}}}
-spec:
-  accessModes: [ReadWriteOnce]
-  storageClassName: local-disks
-  volumeName: {PV}
-  resources: {{requests: {{storage: 64Mi}}}}
-""")
+    s.loop = make_local_pv(c, PV, PVC, PVC_NS)
+
 
 
 def _cleanup(c, s):

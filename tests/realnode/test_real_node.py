@@ -14,8 +14,8 @@ import time
 import pytest
 import yaml
 
-from realnode import (CAP_BPF, CAP_PERFMON, NODE, REPO, cap_set, docs_example_biomonitor, our_bpf_links,
-                      our_bpf_programs, proc_status, readme_quickstart, root_mount_options, wait_for)
+from realnode import (CAP_BPF, CAP_PERFMON, NODE, REPO, cap_set, docs_example_biomonitor, make_local_pv,
+                      our_bpf_links, our_bpf_programs, proc_status, readme_quickstart, root_mount_options, wait_for)
 
 sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
 from node_fixtures import node  # noqa: E402  tests/node/conftest.py: exposition parsing, /sys/block stat
@@ -28,6 +28,12 @@ measured = {}
 
 
 def record(key, value):
+    """Add one figure to the measurements file (other modules' figures in it are kept)."""
+    try:
+        with open(MEASUREMENTS) as f:
+            measured.update({k: v for k, v in json.load(f).items() if k not in measured})
+    except (OSError, ValueError):
+        pass
     measured[key] = value
     with open(MEASUREMENTS, "w") as f:
         json.dump(measured, f, indent=2, sort_keys=True)
@@ -161,38 +167,9 @@ def test_readme_biomonitor_runs_an_agent_pod_with_least_privilege(cluster):
 
 def test_pvc_on_a_local_pv_is_labelled_and_counted_exactly(cluster):
     c = cluster
-    loop = node.LoopDevice(64 << 20)
+    loop = make_local_pv(c, "data-pv", "data", "shop")
     cluster.loop = loop
-    with open(os.path.join(c.workdir, "loops"), "a") as f:
-        f.write(loop.path + "\n")
-    mnt = os.path.join(c.workdir, "realnode", "pv", "data-pv")
-    # No lazy inode-table init: it would write in the background and the device never be idle.
-    c.sh(f"mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 {loop.path} && mkdir -p {mnt} && mount {loop.path} {mnt} && chmod 777 {mnt}")
-    c.kubectl("create", "namespace", "shop")
-    c.kubectl("apply", "-f", "-", stdin=f"""
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: data-pv}}
-spec:
-  capacity: {{storage: 64Mi}}
-  accessModes: [ReadWriteOnce]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: local-disks
-  local: {{path: {mnt}}}
-  nodeAffinity:
-    required:
-      nodeSelectorTerms:
-      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{NODE}]}}]
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: data, namespace: shop}}
-spec:
-  accessModes: [ReadWriteOnce]
-  storageClassName: local-disks
-  volumeName: data-pv
-  resources: {{requests: {{storage: 64Mi}}}}
-""")
+
     agent = ready_agent(c, "default")
 
     def quiet_point():
