@@ -72,8 +72,9 @@ bench: build-release tracefs
 bench-pv-labels: build-release
 	scripts/bench-pv-labels.sh
 
+# Both copies: crds/ (kubectl apply users) and the chart's crds/ (helm install).
 crds:
-	cargo run -q -p bio-operator --bin crdgen > crds/biomonitors.bioexporter.io.yaml
+	cargo run -q -p bio-operator --bin crdgen -- --update
 
 clean:
 	cargo clean
