@@ -282,36 +282,13 @@ async fn run(args: Args) -> Result<()> {
         Some(cfg) => {
             let mut elector = LeaderElector::new(client.clone(), cfg);
             tracing::info!(identity = %elector.identity(), "leader election enabled");
-            let result = loop {
-                let acquired_at = tokio::select! {
-                    at = elector.acquire() => at,
-                    _ = &mut shutdown => break Ok(()),
-                };
-                metrics.leader.set(1);
-                let outcome = tokio::select! {
-                    res = elector.run_while_leader(acquired_at, work(elector.fence())) => res,
-                    _ = &mut shutdown => {
-                        metrics.leader.set(0);
-                        break Ok(());
-                    }
-                };
-                metrics.leader.set(0);
-                match outcome {
-                    // Lost the lease: the controller is already stopped;
-                    // stand by again with fresh caches.
-                    Err(Error::LeadershipLost(why)) => {
-                        tracing::error!(reason = %why, "lost leadership; controller stopped");
-                    }
-                    Err(err) => break Err(err),
-                    Ok(res) => break res,
-                }
-            };
-            // The work future is dropped by now: nothing writes any more, so
-            // handing the lease over early is safe.
-            if let Err(err) = elector.release().await {
-                tracing::warn!(error = %err, "could not release the lease");
-            }
-            result
+            // Lost leadership sends the replica back to standing by (with
+            // fresh caches next time); only a signal or a fatal error ends it.
+            elector
+                .lead(work, &mut shutdown, |leading| {
+                    metrics.leader.set(i64::from(leading));
+                })
+                .await
         }
     };
     listener.abort();
