@@ -33,7 +33,9 @@
 #     cert-manager's Go module) accepting the operator's Certificate, and the
 #     switch once "cert-manager" (this script) has issued;
 #   * two replicas: SIGSTOP the leader past its lease, the other takes over,
-#     the resumed one stands down and writes nothing.
+#     the resumed one stands down and writes nothing;
+#   * an API server stall (kube-apiserver SIGSTOPped for 30s): the leader
+#     survives it, leads again and reconciles a change made afterwards.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -721,6 +723,48 @@ wait_for 10 "A leads again after B released the lease" leader_metric "$PORT_A"
 ((SECONDS - T_TERM < 12)) && ok "hand-over faster than the lease duration" || bad "hand-over took $((SECONDS - T_TERM))s"
 expect "Lease held by A" holder_is op-a
 grep -q 'released leadership' "$OUT/op-b.log" && ok "B released the lease" || bad "B did not release"
+
+# ------------------------------------------------- API server stall (30s) --
+# The whole control plane freezes (SIGSTOP kube-apiserver) for longer than the
+# lease: A's renewal hangs, it stands down at its renew deadline, its next
+# acquire request hangs through the stall. Once the API server resumes, A must
+# still be running, hold the Lease again and reconcile a change made after
+# the stall. A helper process does STOP/CONT, so the API server is resumed
+# even if this script dies meanwhile.
+log "API server stall: kube-apiserver frozen for 30s under the leader A"
+# kill -0 alone would pass for an exited, not yet reaped child (a zombie).
+running() { local st; st="$(ps -o stat= -p "$1")" && [[ "$st" != Z* ]]; }
+APISERVER_PID="$(awk '$1 == "kube-apiserver" { print $2 }' "$W/pids")"
+if [[ -z "$APISERVER_PID" ]] || ! kill -0 "$APISERVER_PID" 2>/dev/null; then
+  bad "kube-apiserver pid not found in $W/pids"
+else
+  expect "A leads before the stall" leader_metric "$PORT_A"
+  (
+    trap 'kill -CONT "$APISERVER_PID" 2>/dev/null' EXIT
+    kill -STOP "$APISERVER_PID"
+    sleep 30
+  ) &
+  STALL_PID=$!
+  # A's renew deadline (8s) passes during the stall: it must stop leading.
+  wait_for 25 "A stops leading while the API server is frozen" bash -c "! curl -fsS --noproxy '*' --max-time 2 http://127.0.0.1:$PORT_A/metrics | grep -q '^bio_operator_leader 1'" || true
+  wait "$STALL_PID" || true
+  log "API server resumed"
+  wait_for 60 "A leads again after the stall" leader_metric "$PORT_A" || true
+  if running "$PID_A"; then
+    ok "A is still running after the stall"
+    wait_for 20 "Lease held by A after the stall" holder_is op-a || true
+  else
+    bad "A exited after the stall: $(grep -m1 'bio-operator stopped' "$OUT/op-a.log" || echo 'no log line')"
+    # A replacement, so the rest of this script (finalizers) and its cleanup
+    # still have an operator.
+    PORT_A="$(free_port)"
+    start_operator op-a-replacement "$PORT_A"
+    PID_A=$LAST_PID
+    wait_for 60 "replacement operator leads" leader_metric "$PORT_A" || true
+  fi
+  k patch biomonitor -n "$OTHER_NS" db --type merge -p '{"spec":{"agent":{"logLevel":"warn"}}}' >/dev/null
+  wait_for 60 "a change made after the stall is reconciled (DaemonSet args)" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $OTHER_NS db-agent -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- '--log-level=warn'" || true
+fi
 
 # ------------------------------------------------ finalizer: cluster scope --
 expect "db has its ClusterRoleBinding" k get clusterrolebinding "bio-exporter-agent:$OTHER_NS:db"
