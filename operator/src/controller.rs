@@ -16,13 +16,13 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Node, Pod, Secret, Service, ServiceAccount},
-        rbac::v1::ClusterRoleBinding,
+        rbac::v1::{ClusterRoleBinding, Subject},
     },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 use kube::{
-    api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     runtime::{
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
@@ -46,8 +46,8 @@ use crate::{
     leader::Fence,
     metrics::Metrics,
     names,
-    resources::{self, certificate, servicemonitor, tls, Certificate, ServiceMonitor},
-    settings::Settings,
+    resources::{self, certificate, rbac, servicemonitor, tls, Certificate, ServiceMonitor},
+    settings::{Settings, WatchScope, NAMESPACE_NOT_ALLOWED},
     validate::validate_spec,
     Error, Result,
 };
@@ -56,6 +56,8 @@ use crate::{
 pub struct Context {
     pub client: Client,
     pub settings: Settings,
+    /// The namespaces the operator has rights in; BioMonitors elsewhere are refused.
+    pub scope: WatchScope,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Checked right before every write; closed once leadership may be lost.
@@ -105,6 +107,8 @@ impl Context {
             .iter()
             .map(AsRef::as_ref)
             .filter(|m| conflict::key(m) != my_key)
+            // A refused monitor runs no agents, so it blocks no node.
+            .filter(|m| self.scope.allows(&m.namespace().unwrap_or_default()))
             .collect();
         monitors.push(bm);
         monitors.sort_by_cached_key(|m| conflict::key(m));
@@ -162,6 +166,8 @@ pub async fn run(
     reporter: Reporter,
     fence: Fence,
 ) -> Result<()> {
+    let scope = WatchScope::from_env().map_err(|e| Error::Config(e.to_string()))?;
+    tracing::info!(?scope, "namespaces BioMonitors may use");
     let monitors = Api::<BioMonitor>::all(client.clone());
     // Fail with a clear message instead of a watch retrying forever.
     monitors
@@ -222,16 +228,26 @@ pub async fn run(
         names::FIELD_MANAGER
     ));
     let (reconcile_all, reconcile_all_rx) = mpsc::unbounded();
-    let controller = Controller::new(monitors, watcher::Config::default())
-        .owns(Api::<DaemonSet>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), owned)
-        .reconcile_all_on(reconcile_all_rx);
+    let mut controller = Controller::new(monitors, watcher::Config::default());
+    // BioMonitors are watched everywhere (to refuse the ones outside the
+    // scope in their status); children only where the operator may read them.
+    let child_namespaces: Vec<Option<&str>> = match &scope {
+        WatchScope::All => vec![None],
+        WatchScope::Namespaces(names) => names.iter().map(|n| Some(n.as_str())).collect(),
+    };
+    for ns in child_namespaces {
+        controller = controller
+            .owns(scoped_api::<DaemonSet>(&client, ns), owned.clone())
+            .owns(scoped_api::<Service>(&client, ns), owned.clone())
+            .owns(scoped_api::<ServiceAccount>(&client, ns), owned.clone());
+    }
+    let controller = controller.reconcile_all_on(reconcile_all_rx);
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
         settings,
+        scope,
         metrics,
         fence,
         monitors: controller.store(),
@@ -268,6 +284,16 @@ pub async fn run(
     }
 }
 
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciliations.inc();
     let started = Instant::now();
@@ -277,6 +303,16 @@ pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action>
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<BioMonitor> = Api::namespaced(ctx.client.clone(), &namespace);
 
+    // Refused before the finalizer is added: nothing is created for it, so
+    // nothing needs cleaning up. (A deletion still runs the cleanup, in case
+    // the namespace was allowed when the finalizer was added.)
+    if !ctx.scope.allows(&namespace) && bm.metadata.deletion_timestamp.is_none() {
+        let result = refuse(&bm, &ctx).await;
+        ctx.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        return result;
+    }
     let result = finalizer(&api, names::FINALIZER, bm, |event| async {
         match event {
             FinalizerEvent::Apply(bm) => apply(bm, &ctx).await,
@@ -420,18 +456,9 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     } else {
         let children = resources::desired(&bm, &ctx.settings)?;
         apply_namespaced(ctx, &namespace, &children.service_account).await?;
-        apply_cluster_role_binding(
-            ctx,
-            names::cluster_role_binding_name(&bm),
-            children.cluster_role_binding.as_ref(),
-        )
-        .await?;
-        apply_cluster_role_binding(
-            ctx,
-            names::auth_cluster_role_binding_name(&bm),
-            children.auth_cluster_role_binding.as_ref(),
-        )
-        .await?;
+        for binding in &children.agent_bindings {
+            sync_agent_subject(ctx, binding, &children.agent_subject).await?;
+        }
         apply_namespaced(ctx, &namespace, &children.service).await?;
         tls = reconcile_tls(&bm, ctx, children.certificate.as_ref()).await?;
         // Without the certificate the DaemonSet would not start and the
@@ -583,21 +610,123 @@ async fn check_agents(
 /// Pods per list request when checking agents.
 const AGENT_PODS_PAGE: u32 = 500;
 
-async fn apply_cluster_role_binding(
+/// Attempts at one subject change before giving up (the error backoff
+/// retries later): each failed attempt means another BioMonitor's change
+/// went through.
+const SUBJECT_UPDATE_ATTEMPTS: usize = 8;
+
+/// Adds or removes this agent in one of the chart's agent
+/// ClusterRoleBindings. Read, change, write back with the resourceVersion
+/// read: a concurrent change by another BioMonitor's reconcile makes the
+/// write fail with 409 Conflict instead of dropping that change, and the
+/// loop starts over from the newer list. (Server-side apply cannot share
+/// the list: `subjects` is atomic, so each apply would replace it whole.)
+async fn sync_agent_subject(
     ctx: &Context,
-    name: String,
-    desired: Option<&ClusterRoleBinding>,
+    binding: &rbac::AgentBinding,
+    subject: &Subject,
 ) -> Result<()> {
     let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    match desired {
-        Some(crb) => {
-            ctx.fence.check()?;
-            api.patch(&name, &apply_params(), &Patch::Apply(crb))
-                .await?;
+    for _ in 0..SUBJECT_UPDATE_ATTEMPTS {
+        let Some(mut crb) = api.get_opt(&binding.name).await? else {
+            if !binding.wanted {
+                // Gone with the release: nothing to remove the agent from.
+                return Ok(());
+            }
+            return Err(Error::Config(format!(
+                "ClusterRoleBinding {} not found: the chart creates it (one per agent ClusterRole) and the operator only adds and removes agent ServiceAccounts in it",
+                binding.name
+            )));
+        };
+        rbac::check_role_ref(&crb, binding)?;
+        let current = crb.subjects.take().unwrap_or_default();
+        let Some(next) = rbac::subjects_with(&current, subject, binding.wanted) else {
+            return Ok(());
+        };
+        crb.subjects = Some(next);
+        crb.metadata.managed_fields = None;
+        ctx.fence.check()?;
+        let params = PostParams {
+            field_manager: Some(names::FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        match api.replace(&binding.name, &params, &crb).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                tracing::debug!(binding = %binding.name, "subjects changed concurrently; retrying");
+            }
+            Err(e) => return Err(e.into()),
         }
-        None => delete_ignoring_missing(&ctx.fence, &api, &name).await?,
     }
-    Ok(())
+    Err(Error::Timeout(format!(
+        "a stable subject list in ClusterRoleBinding {} ({SUBJECT_UPDATE_ATTEMPTS} conflicting writes)",
+        binding.name
+    )))
+}
+
+/// A BioMonitor in a namespace outside the scope: nothing is created, the
+/// status says why. Its agent is taken out of the agent bindings in case the
+/// namespace was in scope before (the rest went with the owner references
+/// or stays until the BioMonitor is deleted).
+async fn refuse(bm: &BioMonitor, ctx: &Context) -> Result<Action> {
+    let namespace = bm
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let subject = rbac::agent_subject(bm)?;
+    for binding in &rbac::no_agent_bindings(&ctx.settings) {
+        sync_agent_subject(ctx, binding, &subject).await?;
+    }
+    let message = ctx.scope.refusal(&namespace);
+    let now = Time(
+        Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
+    );
+    let status = refused_status(bm, &message, &now);
+    if bm.status.as_ref() != Some(&status) {
+        tracing::info!(biomonitor = %ObjectRef::from_obj(bm), "refused: namespace outside the operator's scope");
+        ctx.fence.check()?;
+        let api: Api<BioMonitor> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch_status(
+            &bm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await?;
+    }
+    // The scope only changes with a restart, which reconciles everything.
+    Ok(Action::await_change())
+}
+
+/// Every condition False with the refusal, and Ready's reason naming it.
+fn refused_status(bm: &BioMonitor, message: &str, now: &Time) -> BioMonitorStatus {
+    let not_rolled_out = || DaemonSetState::NotRolledOut {
+        reason: NAMESPACE_NOT_ALLOWED,
+        message: message.to_string(),
+    };
+    let observation = Observation {
+        generation: bm.metadata.generation,
+        invalid_spec: None,
+        node_conflict: None,
+        daemonset: not_rolled_out(),
+        service_monitor: ServiceMonitorState::NotRolledOut {
+            reason: NAMESPACE_NOT_ALLOWED,
+            message: message.to_string(),
+        },
+        tls: TlsState::Failed(message.to_string()),
+        agents: AgentsState::NotChecked,
+    };
+    let mut status = compute_status(bm.status.as_ref(), &observation, now);
+    // compute_status reports the first False condition as Ready's reason;
+    // the cause here is the namespace, whatever that is. Ready is False
+    // either way, so its lastTransitionTime is already right.
+    if let Some(ready) = status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == conditions::READY)
+    {
+        ready.reason = NAMESPACE_NOT_ALLOWED.into();
+        ready.message = message.to_string();
+    }
+    status
 }
 
 /// What [`reconcile_tls`] found.
@@ -843,19 +972,16 @@ async fn apply_service_monitor(
 
 async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     lock(&ctx.agent_checks).remove(&ObjectRef::from_obj(bm.as_ref()));
-    // Namespaced children go with their owner references; only the
-    // cluster-scoped binding needs deleting by hand.
-    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    delete_ignoring_missing(&ctx.fence, &api, &names::cluster_role_binding_name(&bm)).await?;
-    delete_ignoring_missing(
-        &ctx.fence,
-        &api,
-        &names::auth_cluster_role_binding_name(&bm),
-    )
-    .await?;
+    // Namespaced children go with their owner references; only the agent's
+    // entries in the cluster-scoped bindings need removing by hand (the
+    // bindings belong to the chart and stay).
+    let subject = rbac::agent_subject(&bm)?;
+    for binding in &rbac::no_agent_bindings(&ctx.settings) {
+        sync_agent_subject(ctx, binding, &subject).await?;
+    }
     // A monitor blocked by this one may now be rolled out.
     let _ = ctx.reconcile_all.unbounded_send(());
-    tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "cleaned up cluster-scoped resources");
+    tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "removed the agent from the agent ClusterRoleBindings");
     Ok(Action::await_change())
 }
 
@@ -919,6 +1045,29 @@ async fn publish_transition_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_monitor_says_why_on_every_condition() {
+        let bm = crate::resources::test_support::monitor(
+            "disks",
+            crate::crd::BioMonitorSpec::default(),
+        );
+        let now = Time(Timestamp::from_second(1_700_000_000).unwrap());
+        let status = refused_status(&bm, "no rights in namespace x", &now);
+        let ready = status.condition(conditions::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()),
+            ("False", NAMESPACE_NOT_ALLOWED, "no rights in namespace x")
+        );
+        let ds = status.condition(conditions::DAEMONSET_READY).unwrap();
+        assert_eq!((ds.status.as_str(), ds.reason.as_str()), ("False", NAMESPACE_NOT_ALLOWED));
+        assert_eq!(status.observed_generation, Some(1));
+        // Stable across reconciles, so no status write repeats.
+        let mut again = bm.clone();
+        again.status = Some(status.clone());
+        let later = Time(Timestamp::from_second(1_700_000_100).unwrap());
+        assert_eq!(refused_status(&again, "no rights in namespace x", &later), status);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -12,7 +12,8 @@ use crate::crd::BioMonitor;
 /// operator versions and replicas.
 pub const FIELD_MANAGER: &str = "bio-operator";
 
-/// Guards the cluster-scoped ClusterRoleBinding, which owner references cannot.
+/// Guards the agent's subject entries in the cluster-scoped
+/// ClusterRoleBindings, which owner references cannot remove.
 pub const FINALIZER: &str = "bioexporter.io/cluster-resources";
 
 pub const APP_NAME: &str = "bio-exporter-agent";
@@ -21,9 +22,6 @@ pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// On cluster-scoped children, which cannot point back with an owner reference.
-pub const LABEL_OWNER_NAMESPACE: &str = "bioexporter.io/biomonitor-namespace";
-pub const LABEL_OWNER_NAME: &str = "bioexporter.io/biomonitor";
 
 /// Name of the agent container; also what `kubectl logs -c` needs.
 pub const AGENT_CONTAINER: &str = "agent";
@@ -35,23 +33,11 @@ pub fn child_name(bm: &BioMonitor) -> String {
     format!("{}-agent", bm.name_any())
 }
 
-/// ClusterRoleBinding names are global: namespace and name keep them unique.
-pub fn cluster_role_binding_name(bm: &BioMonitor) -> String {
-    format!(
-        "bio-exporter-agent:{}:{}",
-        bm.namespace().unwrap_or_default(),
-        bm.name_any()
-    )
-}
-
-/// Binding of the agent to the chart's auth ClusterRole (TokenReview and
-/// SubjectAccessReview), only for BioMonitors with `auth: kubernetes`.
-pub fn auth_cluster_role_binding_name(bm: &BioMonitor) -> String {
-    format!(
-        "bio-exporter-agent-auth:{}:{}",
-        bm.namespace().unwrap_or_default(),
-        bm.name_any()
-    )
+/// The chart names each agent ClusterRoleBinding after its ClusterRole
+/// (different kinds may share a name), so the operator needs no second name
+/// per role.
+pub fn agent_binding_name(cluster_role: &str) -> String {
+    cluster_role.to_string()
 }
 
 /// The operator's own CA for this BioMonitor (the CA key lives only here).

@@ -1,7 +1,7 @@
 //! Operator-wide settings that are not part of a BioMonitor, passed to the
 //! builders explicitly so tests (and integration tests) can pick any names.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 /// Agent image of the same release as this operator.
 pub const DEFAULT_AGENT_IMAGE: &str = concat!(
@@ -44,5 +44,124 @@ impl Default for Settings {
             cluster_domain: "cluster.local".into(),
             cert_lifetimes: crate::resources::tls::Lifetimes::default(),
         }
+    }
+}
+
+/// Environment variable naming the namespaces BioMonitors may live in,
+/// comma-separated (the chart sets it from `operator.watchNamespaces`).
+/// Unset means every namespace, which needs the namespaced rights
+/// cluster-wide; the chart never grants that.
+pub const WATCH_NAMESPACES_ENV: &str = "BIO_OPERATOR_WATCH_NAMESPACES";
+
+/// Reason of a refused BioMonitor's conditions.
+pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+
+/// Where the operator has rights to create agents. A BioMonitor elsewhere is
+/// refused (status only), so a namespace the operator cannot write in never
+/// turns into a reconcile that fails forever.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchScope {
+    All,
+    Namespaces(BTreeSet<String>),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error("{WATCH_NAMESPACES_ENV} is set but names no namespace; unset it to watch every namespace")]
+    Empty,
+    #[error("{WATCH_NAMESPACES_ENV}: {0:?} is not a namespace name (lowercase letters, digits and '-', at most 63 characters)")]
+    BadName(String),
+    #[error("{WATCH_NAMESPACES_ENV} is not valid UTF-8")]
+    NotUnicode,
+}
+
+impl WatchScope {
+    /// `None` (unset) is every namespace; otherwise a comma-separated list.
+    pub fn parse(value: Option<&str>) -> Result<Self, ScopeError> {
+        let Some(value) = value else {
+            return Ok(Self::All);
+        };
+        let mut names = BTreeSet::new();
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !is_dns1123_label(name) {
+                return Err(ScopeError::BadName(name.to_string()));
+            }
+            names.insert(name.to_string());
+        }
+        if names.is_empty() {
+            return Err(ScopeError::Empty);
+        }
+        Ok(Self::Namespaces(names))
+    }
+
+    pub fn from_env() -> Result<Self, ScopeError> {
+        match std::env::var(WATCH_NAMESPACES_ENV) {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(ScopeError::NotUnicode),
+        }
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Namespaces(names) => names.contains(namespace),
+        }
+    }
+
+    /// Why a BioMonitor in `namespace` is refused, for its status.
+    pub fn refusal(&self, namespace: &str) -> String {
+        let allowed = match self {
+            Self::All => "every namespace".to_string(),
+            Self::Namespaces(names) => names.iter().cloned().collect::<Vec<_>>().join(", "),
+        };
+        format!(
+            "the operator has no rights in namespace {namespace}: it manages BioMonitors only in {allowed} \
+             (chart value operator.watchNamespaces, {WATCH_NAMESPACES_ENV})"
+        )
+    }
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_is_every_namespace() {
+        assert_eq!(WatchScope::parse(None), Ok(WatchScope::All));
+        assert!(WatchScope::All.allows("kube-system"));
+    }
+
+    #[test]
+    fn list_allows_only_its_namespaces() {
+        let scope = WatchScope::parse(Some(" agents, team-b ,,agents")).unwrap();
+        assert_eq!(
+            scope,
+            WatchScope::Namespaces(["agents".into(), "team-b".into()].into())
+        );
+        assert!(scope.allows("agents") && scope.allows("team-b"));
+        assert!(!scope.allows("kube-system") && !scope.allows("default"));
+        let why = scope.refusal("kube-system");
+        assert!(why.contains("kube-system") && why.contains("agents, team-b"));
+        assert!(why.contains(WATCH_NAMESPACES_ENV));
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_variable() {
+        assert_eq!(WatchScope::parse(Some(" , ")), Err(ScopeError::Empty));
+        let err = WatchScope::parse(Some("agents,Kube_System")).unwrap_err();
+        assert_eq!(err, ScopeError::BadName("Kube_System".into()));
+        assert!(err.to_string().contains(WATCH_NAMESPACES_ENV));
+        assert!(WatchScope::parse(Some("-a")).is_err());
+        assert!(WatchScope::parse(Some(&"a".repeat(64))).is_err());
     }
 }

@@ -13,7 +13,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Service, ServiceAccount},
-        rbac::v1::ClusterRoleBinding,
+        rbac::v1::Subject,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
@@ -28,8 +28,10 @@ pub use servicemonitor::ServiceMonitor;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Children {
     pub service_account: ServiceAccount,
-    pub cluster_role_binding: Option<ClusterRoleBinding>,
-    pub auth_cluster_role_binding: Option<ClusterRoleBinding>,
+    /// The agent ServiceAccount, as listed in the agent ClusterRoleBindings.
+    pub agent_subject: Subject,
+    /// Which of the chart's agent ClusterRoleBindings list the agent.
+    pub agent_bindings: [rbac::AgentBinding; 2],
     pub daemonset: DaemonSet,
     pub service: Service,
     pub service_monitor: Option<ServiceMonitor>,
@@ -43,8 +45,8 @@ pub struct Children {
 pub fn desired(bm: &BioMonitor, settings: &Settings) -> Result<Children> {
     Ok(Children {
         service_account: rbac::service_account(bm)?,
-        cluster_role_binding: rbac::cluster_role_binding(bm, settings)?,
-        auth_cluster_role_binding: rbac::auth_cluster_role_binding(bm, settings)?,
+        agent_subject: rbac::agent_subject(bm)?,
+        agent_bindings: rbac::agent_bindings(bm, settings),
         daemonset: daemonset::daemonset(bm, settings)?,
         service: service::service(bm)?,
         service_monitor: servicemonitor::service_monitor(bm)?,
@@ -125,17 +127,6 @@ mod tests {
             assert_eq!(owners[0].controller, Some(true));
             assert_eq!(owners[0].block_owner_deletion, Some(true));
         }
-    }
-
-    #[test]
-    fn cluster_scoped_binding_has_no_owner_reference() {
-        let bm = monitor("disks", BioMonitorSpec::default());
-        let crb = desired(&bm, &Settings::default())
-            .unwrap()
-            .cluster_role_binding
-            .unwrap();
-        assert!(crb.metadata.owner_references.is_none());
-        assert!(crb.metadata.namespace.is_none());
     }
 
     #[test]
