@@ -68,3 +68,13 @@ app.kubernetes.io/component: operator
 {{- .Release.Namespace }}
 {{- end }}
 {{- end }}
+
+{{/*
+Namespaces BioMonitors may use, comma-separated: operator.watchNamespaces, or
+else the one namespace the chart's own BioMonitor would go to. The operator
+gets its namespaced rights (Role) in these only, and is told the same list.
+*/}}
+{{- define "bio-exporter.watchNamespaces" -}}
+{{- $names := .Values.operator.watchNamespaces | default (list (include "bio-exporter.biomonitorNamespace" .)) }}
+{{- uniq $names | join "," }}
+{{- end }}
