@@ -32,6 +32,10 @@
 #     cert-manager: CertManagerNotInstalled, the real Certificate CRD (from
 #     cert-manager's Go module) accepting the operator's Certificate, and the
 #     switch once "cert-manager" (this script) has issued;
+#   * least privilege: what the operator's ServiceAccount may do (kubectl
+#     auth can-i --as), a BioMonitor outside operator.watchNamespaces refused,
+#     agents added to and removed from the chart's agent ClusterRoleBindings
+#     by concurrent BioMonitors;
 #   * two replicas: SIGSTOP the leader past its lease, the other takes over,
 #     the resumed one stands down and writes nothing;
 #   * an API server stall (kube-apiserver SIGSTOPped for 30s): the leader
@@ -91,7 +95,7 @@ cleanup() {
     # Leave a reused cluster as found; delete while an operator still runs so
     # the finalizers are handled.
     local ns
-    for ns in "$AGENT_NS" "$OTHER_NS" "$H3_NS"; do
+    for ns in "$AGENT_NS" "$OTHER_NS" "$H3_NS" bio-e2e-outside; do
       KUBECONFIG="$ADMIN_KUBECONFIG" kubectl delete biomonitors --all -n "$ns" --timeout=30s >/dev/null 2>&1 || true
     done
     KUBECONFIG="$ADMIN_KUBECONFIG" "${HELM3:-helm3}" uninstall "$H3_RELEASE" -n "$H3_NS" >/dev/null 2>&1 || true
@@ -161,6 +165,12 @@ jp_is() { # NS KIND NAME JSONPATH VALUE
 }
 gen_observed() { [[ "$(k get biomonitor -n "$1" "$2" -o jsonpath='{.metadata.generation}')" == "$(k get biomonitor -n "$1" "$2" -o jsonpath='{.status.observedGeneration}')" ]]; }
 gone() { ! k get "$@" >/dev/null 2>&1; }
+# The agents are subjects of the chart's two agent ClusterRoleBindings
+# (named like their ClusterRoles), added and removed by the operator.
+PV_CRB="$FULL-agent" AUTH_CRB="$FULL-agent-auth"
+subjects() { k get clusterrolebinding "$1" -o jsonpath='{range .subjects[*]}{.kind}/{.namespace}/{.name}{"\n"}{end}'; }
+has_subject() { subjects "$1" | grep -qx "ServiceAccount/$2/$3"; }  # BINDING NS SA
+lacks_subject() { local s; s="$(subjects "$1")" && ! grep -qx "ServiceAccount/$2/$3" <<<"$s"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 leader_metric() { curl -fsS --noproxy '*' --max-time 2 "http://127.0.0.1:$1/metrics" | grep -q '^bio_operator_leader 1'; }
 lease_holder() { k get lease -n "$SYS_NS" "$FULL-leader" -o jsonpath='{.spec.holderIdentity}'; }
@@ -258,7 +268,15 @@ for v in crd["spec"]["versions"]:
     del v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["agent"]["properties"]["priorityClassName"]
 json.dump(crd, sys.stdout, indent=1)' >"$OLD_CHART/crds/$BM_CRD.yaml"
 
+# The operator gets namespaced rights only in these (Roles), so they must
+# exist before the chart is installed; the agent namespace the chart creates.
+WATCHED="$AGENT_NS,$OTHER_NS,$H3_NS"
+for ns in "$OTHER_NS" "$H3_NS"; do
+  k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+done
+k label namespace "$OTHER_NS" pod-security.kubernetes.io/enforce=privileged --overwrite >/dev/null
 HELM_ARGS=(-n "$SYS_NS" --set agentNamespace.create=true --set agentNamespace.name="$AGENT_NS" --set operator.replicaCount=0
+  --set "operator.watchNamespaces={$WATCHED}"
   --set-json "metricsReader.serviceAccounts=[{\"name\":\"prometheus\",\"namespace\":\"$AGENT_NS\"}]")
 expect "helm (v4) lint --strict" "$HELM" lint --strict "$ROOT/charts/bio-exporter"
 log "helm (v4) install of the old chart (agent namespace created and labelled by the chart)"
@@ -276,8 +294,6 @@ elif [[ "$out" == *'unknown field "spec.agent.priorityClassName"'* ]]; then
 else
   bad "old CRD rejected for another reason: $out"
 fi
-k create namespace "$OTHER_NS" --dry-run=client -o yaml | k apply -f - >/dev/null
-k label namespace "$OTHER_NS" pod-security.kubernetes.io/enforce=privileged --overwrite >/dev/null
 "$CLUSTER/sa-kubeconfig.sh" "$W" "$SYS_NS" "$FULL" "$OUT/operator.kubeconfig" >/dev/null
 
 # --------------------------------------------------------------- operator --
@@ -287,7 +303,7 @@ if [[ -z "${BIO_OPERATOR_BIN:-}" ]]; then
 fi
 
 start_operator() { # NAME PORT
-  KUBECONFIG="$OUT/operator.kubeconfig" "$BIO_OPERATOR_BIN" \
+  KUBECONFIG="$OUT/operator.kubeconfig" BIO_OPERATOR_WATCH_NAMESPACES="$WATCHED" "$BIO_OPERATOR_BIN" \
     --lease-namespace "$SYS_NS" --lease-name "$FULL-leader" "${LEASE_ARGS[@]}" \
     --agent-cluster-role "$FULL-agent" --agent-auth-cluster-role "$FULL-agent-auth" \
     --agent-image example.invalid/node-agent:e2e \
@@ -398,12 +414,13 @@ pyck "Service: selects the DaemonSet's pods" svc 'o["spec"]["selector"] == load(
 pyck "Service: owned by the BioMonitor" svc 'owned_by_monitor(o, "disks", E["UID_DISKS"]) and applied_by(o)'
 save sa sa -n "$AGENT_NS" disks-agent
 pyck "ServiceAccount: owned by the BioMonitor" sa 'owned_by_monitor(o, "disks", E["UID_DISKS"])'
-save crb clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks"
+# One binding per agent ClusterRole, from the chart; the operator lists the
+# agent in it (it used to create a binding per BioMonitor).
+save crb clusterrolebinding "$PV_CRB"
 export AGENT_NS FULL
-pyck "ClusterRoleBinding: agent ClusterRole to the agent ServiceAccount, labelled, no owner" crb '
+pyck "agent ClusterRoleBinding (the chart's): agent ClusterRole, the agent ServiceAccount once among its subjects" crb '
 o["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": E["FULL"] + "-agent"} and
-o["subjects"] == [{"kind": "ServiceAccount", "name": "disks-agent", "namespace": E["AGENT_NS"]}] and
-subset({"bioexporter.io/biomonitor": "disks", "bioexporter.io/biomonitor-namespace": E["AGENT_NS"]}, o["metadata"]["labels"]) and
+[s for s in o["subjects"] if s["name"] == "disks-agent"] == [{"kind": "ServiceAccount", "name": "disks-agent", "namespace": E["AGENT_NS"]}] and
 not o["metadata"].get("ownerReferences")'
 
 # Two CRD retry periods (5s each) after CRDNotInstalled: still one event.
@@ -460,7 +477,7 @@ save sm servicemonitor -n "$AGENT_NS" disks-agent
 pyck "ServiceMonitor interval/scrapeTimeout accepted by the real schema" sm '(o["spec"]["endpoints"][0]["interval"], o["spec"]["endpoints"][0]["scrapeTimeout"]) == ("15s", "10s")'
 
 k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"persistentVolumeLabels":false}}' >/dev/null
-wait_for 30 "ClusterRoleBinding removed without PV labels" gone clusterrolebinding "bio-exporter-agent:$AGENT_NS:disks"
+wait_for 30 "agent removed from the PV ClusterRoleBinding without PV labels" lacks_subject "$PV_CRB" "$AGENT_NS" disks-agent
 wait_for 30 "no token and no kubelet mount without PV labels" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and [v[\"hostPath\"][\"path\"] for v in p[\"volumes\"]] == [\"/sys/kernel/tracing\"] else 1)'"
 
 # -------------------------------------------------------- secured /metrics --
@@ -494,11 +511,11 @@ pod(o)["volumes"] == [{"name": "tls", "secret": {"secretName": "secure-agent-tls
 ctr(o)["volumeMounts"] == [{"name": "tls", "mountPath": "/etc/bio-exporter/tls", "readOnly": True}]'
 pyck "DaemonSet: token mounted for TokenReviews (auth on, PV labels off); HTTPS probes" ds-secure '
 pod(o)["automountServiceAccountToken"] is True and ctr(o)["readinessProbe"]["httpGet"]["scheme"] == ctr(o)["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"'
-save crb-auth clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:secure"
-pyck "auth ClusterRoleBinding: the chart's agent-auth role to secure-agent" crb-auth '
-o["roleRef"]["name"] == E["FULL"] + "-agent-auth" and o["subjects"] == [{"kind": "ServiceAccount", "name": "secure-agent", "namespace": E["AGENT_NS"]}]'
-expect "no auth ClusterRoleBinding for disks (auth off)" gone clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:disks"
-expect "no PV ClusterRoleBinding for secure (PV labels off)" gone clusterrolebinding "bio-exporter-agent:$AGENT_NS:secure"
+save crb-auth clusterrolebinding "$AUTH_CRB"
+pyck "auth ClusterRoleBinding: the chart's agent-auth role, secure-agent among its subjects" crb-auth '
+o["roleRef"]["name"] == E["FULL"] + "-agent-auth" and {"kind": "ServiceAccount", "name": "secure-agent", "namespace": E["AGENT_NS"]} in o["subjects"]'
+expect "disks not in the auth ClusterRoleBinding (auth off)" lacks_subject "$AUTH_CRB" "$AGENT_NS" disks-agent
+expect "secure not in the PV ClusterRoleBinding (PV labels off)" lacks_subject "$PV_CRB" "$AGENT_NS" secure-agent
 
 # The Secrets, read with openssl.
 TLS="$OUT/tls" && rm -rf "$TLS" && mkdir -p "$TLS"
@@ -568,7 +585,7 @@ wait_for 30 "ServiceMonitor: authorization Bearer from the Secret, no bearerToke
 
 log "auth off (TLS stays): the auth binding goes, the ServiceMonitor sends no token"
 k patch biomonitor -n "$AGENT_NS" secure --type merge -p '{"spec":{"metricsEndpoint":{"auth":"none","bearerTokenSecret":null}}}' >/dev/null
-wait_for 30 "auth ClusterRoleBinding removed when auth is turned off" gone clusterrolebinding "bio-exporter-agent-auth:$AGENT_NS:secure"
+wait_for 30 "agent removed from the auth ClusterRoleBinding when auth is turned off" lacks_subject "$AUTH_CRB" "$AGENT_NS" secure-agent
 wait_for 30 "DaemonSet without --auth and without a token" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS secure-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and not any(a.startswith(\"--auth\") for a in p[\"containers\"][0][\"args\"]) else 1)'"
 save sm-secure servicemonitor -n "$AGENT_NS" secure-agent
 pyck "ServiceMonitor: still https, no token setting" sm-secure 'o["spec"]["endpoints"][0]["scheme"] == "https" and not {"bearerTokenFile", "authorization"} & set(o["spec"]["endpoints"][0])'
@@ -612,6 +629,119 @@ wait_for 30 "TLSReady=True/Disabled" cond_is "$AGENT_NS" secure TLSReady True/Di
 wait_for 30 "Certificate and cert-manager's Secret removed" both_gone certificate.cert-manager.io secure-agent secret secure-agent-cert-manager-tls
 expect "ServiceMonitor back to http without tlsConfig" bash -c "[[ \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get servicemonitor -n $AGENT_NS secure-agent -o jsonpath='{.spec.endpoints[0].scheme}/{.spec.endpoints[0].tlsConfig}') == http/ ]]"
 k delete biomonitor -n "$AGENT_NS" secure --timeout=60s >/dev/null && ok "secure deleted" || bad "delete of secure hung"
+
+# ------------------------------------------------- least-privilege RBAC --
+# The operator's ServiceAccount, asked of the API server by impersonation: it
+# may do its job in the watched namespaces and nothing like it elsewhere.
+log "least privilege: the operator's ServiceAccount ($SYS_NS/$FULL)"
+OP_SA="system:serviceaccount:$SYS_NS:$FULL"
+OUTSIDE_NS=bio-e2e-outside
+# can_i VERB RESOURCE [flags] -> yes/no ("" when kubectl failed: neither)
+can_i() { k auth can-i --as="$OP_SA" "$@" 2>/dev/null || true; }
+may() { local a="$*"; [[ "$(can_i "$@")" == yes ]] && ok "operator may $a" || bad "operator may not $a (needs it)"; }
+may_not() { local a="$*"; [[ "$(can_i "$@")" == no ]] && ok "operator may not $a" || bad "operator MAY $a"; }
+for verb in get list watch patch; do may_not "$verb" secrets -n kube-system; done
+may_not get secrets -n default
+may_not list secrets --all-namespaces
+may_not delete clusterrolebinding/system:kube-scheduler
+may_not update clusterrolebinding/system:kube-scheduler
+may_not patch clusterrolebinding/cluster-admin
+may_not create clusterrolebindings
+may_not bind clusterrole/cluster-admin
+for ns in kube-system default "$OUTSIDE_NS"; do
+  may_not create daemonsets.apps -n "$ns"
+  may_not create serviceaccounts -n "$ns"
+  may_not create services -n "$ns"
+  may_not get secrets -n "$ns"
+done
+may_not create daemonsets.apps --all-namespaces
+may_not list pods -n kube-system
+for ns in "$AGENT_NS" "$OTHER_NS"; do
+  for res in daemonsets.apps serviceaccounts services secrets servicemonitors.monitoring.coreos.com certificates.cert-manager.io; do
+    may create "$res" -n "$ns"
+    may delete "$res" -n "$ns"
+  done
+  may watch daemonsets.apps -n "$ns"
+  may list pods -n "$ns"
+  may create events.events.k8s.io -n "$ns"
+done
+may update "clusterrolebinding/$PV_CRB"
+may update "clusterrolebinding/$AUTH_CRB"
+may bind "clusterrole/$FULL-agent"
+may list nodes
+may watch biomonitors.bioexporter.io --all-namespaces
+may patch biomonitors.bioexporter.io --subresource=status --all-namespaces
+# What the issue did with a server-side dry run, as the operator.
+if out="$(k --as="$OP_SA" delete clusterrolebinding system:kube-scheduler --dry-run=server 2>&1)"; then
+  bad "operator could delete ClusterRoleBinding system:kube-scheduler (dry run): $out"
+else
+  [[ "$out" == *Forbidden* || "$out" == *forbidden* ]] && ok "dry-run delete of system:kube-scheduler as the operator: Forbidden" || bad "dry-run delete: $out"
+fi
+if out="$(k --as="$OP_SA" get secrets -n kube-system 2>&1)"; then
+  bad "operator listed kube-system Secrets"
+else
+  [[ "$out" == *orbidden* ]] && ok "listing kube-system Secrets as the operator: Forbidden" || bad "list kube-system Secrets: $out"
+fi
+
+log "a BioMonitor outside operator.watchNamespaces is refused, with a reason"
+k create namespace "$OUTSIDE_NS" --dry-run=client -o yaml | k apply -f - >/dev/null
+k label namespace "$OUTSIDE_NS" pod-security.kubernetes.io/enforce=privileged --overwrite >/dev/null
+k apply -f - >/dev/null <<EOT
+apiVersion: bioexporter.io/v1alpha1
+kind: BioMonitor
+metadata: {name: stray, namespace: $OUTSIDE_NS}
+spec: {nodeSelector: {bio-e2e: "yes"}, metricsEndpoint: {tls: {enabled: true}, auth: kubernetes}}
+EOT
+wait_for 30 "outside: Ready=False/NamespaceNotAllowed" cond_is "$OUTSIDE_NS" stray Ready False/NamespaceNotAllowed
+msg="$(k get biomonitor -n "$OUTSIDE_NS" stray -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')"
+[[ "$msg" == *"$OUTSIDE_NS"* && "$msg" == *"$AGENT_NS"* && "$msg" == *watchNamespaces* ]] && ok "NamespaceNotAllowed message names the namespace, the allowed ones and the chart value" || bad "NamespaceNotAllowed message: $msg"
+expect "outside: DaemonSetReady=False/NamespaceNotAllowed" cond_is "$OUTSIDE_NS" stray DaemonSetReady False/NamespaceNotAllowed
+expect "outside: nothing created (DaemonSet, ServiceAccount, Secret)" bash -c "[[ -z \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds,sa,svc,secret -n $OUTSIDE_NS -o name | grep stray) ]]"
+expect "outside: no finalizer" jp_is "$OUTSIDE_NS" biomonitor stray '{.metadata.finalizers}' ''
+expect "outside: not a subject of either agent binding" bash -c "! KUBECONFIG=$ADMIN_KUBECONFIG kubectl get clusterrolebinding $PV_CRB $AUTH_CRB -o jsonpath='{.items[*].subjects[*].namespace}' | grep -qw $OUTSIDE_NS"
+expect "outside monitor blocks nobody: disks still Ready" cond_is "$AGENT_NS" disks Ready True/Ready
+k delete biomonitor -n "$OUTSIDE_NS" stray --timeout=20s >/dev/null && ok "outside monitor deleted at once" || bad "delete of the outside monitor hung"
+
+log "a full reconcile in a second watched namespace, then concurrent BioMonitors sharing the agent bindings"
+# A subject someone else put there must survive every change the operator makes.
+KEEP="{\"kind\":\"ServiceAccount\",\"name\":\"e2e-keep\",\"namespace\":\"$AGENT_NS\"}"
+if [[ -n "$(subjects "$PV_CRB")" ]]; then
+  k patch clusterrolebinding "$PV_CRB" --type json -p "[{\"op\":\"add\",\"path\":\"/subjects/-\",\"value\":$KEEP}]" >/dev/null
+else
+  k patch clusterrolebinding "$PV_CRB" --type merge -p "{\"subjects\":[$KEEP]}" >/dev/null
+fi
+k apply -f - >/dev/null <<EOT
+apiVersion: bioexporter.io/v1alpha1
+kind: BioMonitor
+metadata: {name: rbac, namespace: $OTHER_NS}
+spec:
+  nodeSelector: {bio-e2e-rbac: nowhere}
+  metricsEndpoint: {tls: {enabled: true}, auth: kubernetes}
+EOT
+wait_for 30 "second namespace: TLSReady=True/Issued (Secrets written there)" cond_is "$OTHER_NS" rbac TLSReady True/Issued
+wait_for 30 "second namespace: ServiceMonitorReady=True/Applied" cond_is "$OTHER_NS" rbac ServiceMonitorReady True/Applied
+wait_for 30 "second namespace: DaemonSetReady=False/NoNodes (DaemonSet there, no node selected)" cond_is "$OTHER_NS" rbac DaemonSetReady False/NoNodes
+expect "second namespace: DaemonSet, Service, ServiceAccount, ServiceMonitor, serving Secret" k get -n "$OTHER_NS" ds/rbac-agent svc/rbac-agent sa/rbac-agent servicemonitor/rbac-agent secret/rbac-agent-tls
+expect "rbac-agent in the PV binding" has_subject "$PV_CRB" "$OTHER_NS" rbac-agent
+expect "rbac-agent in the auth binding" has_subject "$AUTH_CRB" "$OTHER_NS" rbac-agent
+CROWD=8
+for i in $(seq 1 $CROWD); do
+  printf -- '---\napiVersion: bioexporter.io/v1alpha1\nkind: BioMonitor\nmetadata: {name: crowd-%s, namespace: %s}\nspec: {nodeSelector: {bio-e2e-rbac: nowhere}, serviceMonitor: {enabled: false}}\n' "$i" "$OTHER_NS"
+done | k apply -f - >/dev/null
+crowd_in() { [[ "$(subjects "$PV_CRB" | grep -c "^ServiceAccount/$OTHER_NS/crowd-")" == "$1" ]]; }
+wait_for 60 "$CROWD BioMonitors created at once: every agent in the PV binding (conflicting writes retried)" crowd_in "$CROWD"
+subjects "$PV_CRB" | sort >"$OUT/subjects-full.txt"
+[[ "$(sort "$OUT/subjects-full.txt" | uniq -d)" == "" ]] && ok "no subject listed twice" || bad "duplicate subjects: $(uniq -d "$OUT/subjects-full.txt")"
+expect "a subject the operator did not add is kept" has_subject "$PV_CRB" "$AGENT_NS" e2e-keep
+k delete biomonitor -n "$OTHER_NS" rbac $(seq -f 'crowd-%g' 1 $CROWD) --wait=false >/dev/null
+wait_for 60 "all deleted at once: every agent removed from the PV binding" crowd_in 0
+wait_for 30 "rbac-agent removed from the PV binding" lacks_subject "$PV_CRB" "$OTHER_NS" rbac-agent
+wait_for 30 "rbac-agent removed from the auth binding" lacks_subject "$AUTH_CRB" "$OTHER_NS" rbac-agent
+wait_for 60 "the BioMonitors are gone (finalizers released)" bash -c "[[ -z \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get biomonitors -n $OTHER_NS -o name) ]]"
+expect "the agent bindings themselves stay (the chart's)" k get clusterrolebinding "$PV_CRB" "$AUTH_CRB"
+expect "the hand-added subject survived" has_subject "$PV_CRB" "$AGENT_NS" e2e-keep
+k patch clusterrolebinding "$PV_CRB" --type json -p "[{\"op\":\"replace\",\"path\":\"/subjects\",\"value\":$(k get clusterrolebinding "$PV_CRB" -o json | python3 -c 'import json,sys; print(json.dumps([s for s in json.load(sys.stdin).get("subjects") or [] if s["name"] != "e2e-keep"]))')}]" >/dev/null
+wait_for 60 "second namespace: children garbage-collected" bash -c "[[ -z \$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds,svc,sa -n $OTHER_NS -o name | grep -E 'rbac-agent|crowd-') ]]"
 
 # -------------------------------------------------------------- conflicts --
 k apply -f - >/dev/null <<EOF
@@ -662,6 +792,7 @@ wait_for 30 "helm3 release's BioMonitor reconciled (no nodes selected)" cond_is 
 if "$HELM3" uninstall "$H3_RELEASE" -n "$H3_NS" --wait --timeout 60s >>"$OUT/helm.log"; then ok "helm3 uninstall"; else bad "helm3 uninstall"; fi
 wait_for 30 "helm3 release's BioMonitor gone (finalizer handled)" gone biomonitor -n "$H3_NS" default
 expect "helm3 release's cluster-scoped RBAC gone" gone clusterrole "$H3_RELEASE-bio-exporter-operator" "$H3_RELEASE-bio-exporter-agent"
+expect "helm3 release's agent ClusterRoleBindings gone" bash -c "! KUBECONFIG=$ADMIN_KUBECONFIG kubectl get clusterrolebinding $H3_RELEASE-bio-exporter-agent 2>/dev/null && ! KUBECONFIG=$ADMIN_KUBECONFIG kubectl get clusterrolebinding $H3_RELEASE-bio-exporter-agent-auth 2>/dev/null"
 
 # -------------------------------------------------------- leader election --
 log "two replicas: freeze the leader past its lease"
@@ -685,7 +816,7 @@ k patch biomonitor -n "$OTHER_NS" db --type merge -p '{"spec":{"devices":{"exclu
 snapshot() {
   {
     k get biomonitor,ds,svc,sa -n "$OTHER_NS" -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion}{"\n"}{end}'
-    k get clusterrolebinding "bio-exporter-agent:$OTHER_NS:db" -o jsonpath='{.metadata.resourceVersion}{"\n"}'
+    k get clusterrolebinding "$PV_CRB" -o jsonpath='{.metadata.resourceVersion}{"\n"}'
     k get lease -n "$SYS_NS" "$FULL-leader" -o jsonpath='lease={.metadata.resourceVersion}/{.spec.holderIdentity}{"\n"}'
     echo "events-from-a=$(events "$OTHER_NS" InvalidSpec op-a)"
   } 2>&1
@@ -767,9 +898,9 @@ else
 fi
 
 # ------------------------------------------------ finalizer: cluster scope --
-expect "db has its ClusterRoleBinding" k get clusterrolebinding "bio-exporter-agent:$OTHER_NS:db"
+expect "db's agent is a subject of the PV ClusterRoleBinding" has_subject "$PV_CRB" "$OTHER_NS" db-agent
 k delete biomonitor -n "$OTHER_NS" db --timeout=60s >/dev/null && ok "db deleted by the new leader's finalizer" || bad "delete of db hung"
-expect "finalizer deleted the cluster-scoped ClusterRoleBinding" gone clusterrolebinding "bio-exporter-agent:$OTHER_NS:db"
+expect "finalizer removed db's agent from the PV ClusterRoleBinding, which the chart keeps" lacks_subject "$PV_CRB" "$OTHER_NS" db-agent
 wait_for 60 "db's DaemonSet garbage-collected" gone ds -n "$OTHER_NS" db-agent
 
 log "e2e took $((SECONDS - T_START))s$( ((OWN_CLUSTER)) && echo ' (cluster start included)')"
