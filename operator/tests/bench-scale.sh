@@ -185,7 +185,8 @@ log "$NODES_READY_AT_START of $NODES nodes Ready, $((SECONDS - T_NODES))s after 
 
 # ------------------------------------------------------------- operator ----
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-KUBECONFIG="$OUT/operator.kubeconfig" "$BIO_OPERATOR_BIN" \
+# The chart's Role covers the agent namespace only (operator.watchNamespaces).
+KUBECONFIG="$OUT/operator.kubeconfig" BIO_OPERATOR_WATCH_NAMESPACES="$AGENT_NS" "$BIO_OPERATOR_BIN" \
   --lease-namespace "$SYS_NS" --lease-name "$FULL-leader" --leader-identity bench \
   --agent-cluster-role "$FULL-agent" --agent-image example.invalid/node-agent:bench \
   --metrics-addr "127.0.0.1:$PORT" --log-format json >"$OUT/operator.log" 2>&1 &
