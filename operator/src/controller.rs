@@ -1048,25 +1048,33 @@ mod tests {
 
     #[test]
     fn refused_monitor_says_why_on_every_condition() {
-        let bm = crate::resources::test_support::monitor(
-            "disks",
-            crate::crd::BioMonitorSpec::default(),
-        );
+        let bm =
+            crate::resources::test_support::monitor("disks", crate::crd::BioMonitorSpec::default());
         let now = Time(Timestamp::from_second(1_700_000_000).unwrap());
         let status = refused_status(&bm, "no rights in namespace x", &now);
         let ready = status.condition(conditions::READY).unwrap();
         assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()),
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
             ("False", NAMESPACE_NOT_ALLOWED, "no rights in namespace x")
         );
         let ds = status.condition(conditions::DAEMONSET_READY).unwrap();
-        assert_eq!((ds.status.as_str(), ds.reason.as_str()), ("False", NAMESPACE_NOT_ALLOWED));
+        assert_eq!(
+            (ds.status.as_str(), ds.reason.as_str()),
+            ("False", NAMESPACE_NOT_ALLOWED)
+        );
         assert_eq!(status.observed_generation, Some(1));
         // Stable across reconciles, so no status write repeats.
         let mut again = bm.clone();
         again.status = Some(status.clone());
         let later = Time(Timestamp::from_second(1_700_000_100).unwrap());
-        assert_eq!(refused_status(&again, "no rights in namespace x", &later), status);
+        assert_eq!(
+            refused_status(&again, "no rights in namespace x", &later),
+            status
+        );
     }
 
     #[test]

@@ -67,7 +67,9 @@ pub enum WatchScope {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
-    #[error("{WATCH_NAMESPACES_ENV} is set but names no namespace; unset it to watch every namespace")]
+    #[error(
+        "{WATCH_NAMESPACES_ENV} is set but names no namespace; unset it to watch every namespace"
+    )]
     Empty,
     #[error("{WATCH_NAMESPACES_ENV}: {0:?} is not a namespace name (lowercase letters, digits and '-', at most 63 characters)")]
     BadName(String),

@@ -68,7 +68,11 @@ pub fn agent_bindings(bm: &BioMonitor, settings: &Settings) -> [AgentBinding; 2]
 
 /// Both agent bindings without this agent: what deletion leaves.
 pub fn no_agent_bindings(settings: &Settings) -> [AgentBinding; 2] {
-    [&settings.agent_cluster_role, &settings.agent_auth_cluster_role].map(|role| AgentBinding {
+    [
+        &settings.agent_cluster_role,
+        &settings.agent_auth_cluster_role,
+    ]
+    .map(|role| AgentBinding {
         name: names::agent_binding_name(role),
         role: role.clone(),
         wanted: false,
@@ -149,7 +153,10 @@ mod tests {
         };
         let mut spec = BioMonitorSpec::default();
         let [pv, auth] = agent_bindings(&monitor("disks", spec.clone()), &settings);
-        assert_eq!((pv.name.as_str(), pv.role.as_str(), pv.wanted), ("rel-agent", "rel-agent", true));
+        assert_eq!(
+            (pv.name.as_str(), pv.role.as_str(), pv.wanted),
+            ("rel-agent", "rel-agent", true)
+        );
         assert_eq!((auth.name.as_str(), auth.wanted), ("rel-agent-auth", false));
 
         spec.persistent_volume_labels = false;
@@ -197,6 +204,9 @@ mod tests {
         assert!(check_role_ref(&crb, &binding).is_ok());
         crb.role_ref.name = "cluster-admin".into();
         let err = check_role_ref(&crb, &binding).unwrap_err().to_string();
-        assert!(err.contains("cluster-admin") && err.contains("rel-agent"), "{err}");
+        assert!(
+            err.contains("cluster-admin") && err.contains("rel-agent"),
+            "{err}"
+        );
     }
 }
