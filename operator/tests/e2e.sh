@@ -733,6 +733,12 @@ wait_for 60 "$CROWD BioMonitors created at once: every agent in the PV binding (
 subjects "$PV_CRB" | sort >"$OUT/subjects-full.txt"
 [[ "$(sort "$OUT/subjects-full.txt" | uniq -d)" == "" ]] && ok "no subject listed twice" || bad "duplicate subjects: $(uniq -d "$OUT/subjects-full.txt")"
 expect "a subject the operator did not add is kept" has_subject "$PV_CRB" "$AGENT_NS" e2e-keep
+# The chart owns the bindings but leaves subjects out of its manifest: an
+# upgrade must not reset what the operator added (an immediate check: the
+# operator would only re-add them at its next resync).
+"$HELM" upgrade "$RELEASE" "$ROOT/charts/bio-exporter" "${HELM_ARGS[@]}" >>"$OUT/helm.log"
+expect "helm upgrade keeps the subjects the operator added" crowd_in "$CROWD"
+expect "helm upgrade keeps the hand-added subject" has_subject "$PV_CRB" "$AGENT_NS" e2e-keep
 k delete biomonitor -n "$OTHER_NS" rbac $(seq -f 'crowd-%g' 1 $CROWD) --wait=false >/dev/null
 wait_for 60 "all deleted at once: every agent removed from the PV binding" crowd_in 0
 wait_for 30 "rbac-agent removed from the PV binding" lacks_subject "$PV_CRB" "$OTHER_NS" rbac-agent
