@@ -169,7 +169,8 @@ gone() { ! k get "$@" >/dev/null 2>&1; }
 # (named like their ClusterRoles), added and removed by the operator.
 PV_CRB="$FULL-agent" AUTH_CRB="$FULL-agent-auth"
 subjects() { k get clusterrolebinding "$1" -o jsonpath='{range .subjects[*]}{.kind}/{.namespace}/{.name}{"\n"}{end}'; }
-has_subject() { subjects "$1" | grep -qx "ServiceAccount/$2/$3"; }  # BINDING NS SA
+# (Not a pipe into grep -q: with pipefail, kubectl's SIGPIPE would fail it.)
+has_subject() { local s; s="$(subjects "$1")" && grep -qx "ServiceAccount/$2/$3" <<<"$s"; }  # BINDING NS SA
 lacks_subject() { local s; s="$(subjects "$1")" && ! grep -qx "ServiceAccount/$2/$3" <<<"$s"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 leader_metric() { curl -fsS --noproxy '*' --max-time 2 "http://127.0.0.1:$1/metrics" | grep -q '^bio_operator_leader 1'; }
