@@ -419,8 +419,12 @@ static __always_inline void bio_completed(__u64 id, int status)
 	struct start_key key = { .id = id };
 	struct start_val v;
 
-	/* Bios of request-based disks were never remembered: nothing to do for them. */
-	if (!take_start(&key, &v))
+	/*
+	 * Bios of request-based disks were never remembered: nothing to do for them. With no entry
+	 * in the table at all (the common case on a host without bio-based IO in flight), they skip
+	 * the hash lookup too.
+	 */
+	if (!start_entries || !take_start(&key, &v))
 		return;
 	observe(v.dev, v.op, bpf_ktime_get_ns() - v.ts_ns, v.bytes, status != 0);
 }

@@ -235,3 +235,31 @@ def wait_for(predicate, timeout=5.0, what="condition"):
 def require_tool(name):
     if shutil.which(name) is None:
         pytest.fail(f"{name} is not installed: run `make deps`")
+
+
+@pytest.fixture
+def zram_factory():
+    """Hot-adds zram devices on demand (after an agent started, say), sized or not; removes them."""
+    control = "/sys/class/zram-control/hot_add"
+    if not os.path.exists(control):
+        pytest.skip("SKIPPED LOUDLY: no zram-control in sysfs (kernel without CONFIG_ZRAM)")
+    added = []
+
+    def make(size_bytes=64 << 20):
+        with open(control) as f:
+            idx = int(f.read().strip())
+        added.append(idx)
+        name = f"zram{idx}"
+        if size_bytes:
+            with open(f"/sys/block/{name}/disksize", "w") as f:
+                f.write(str(size_bytes))
+        return name
+
+    yield make
+    for idx in added:
+        with contextlib.suppress(OSError):
+            with open(f"/sys/block/zram{idx}/reset", "w") as f:
+                f.write("1")
+        with contextlib.suppress(OSError):
+            with open("/sys/class/zram-control/hot_remove", "w") as f:
+                f.write(str(idx))

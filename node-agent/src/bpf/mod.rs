@@ -11,8 +11,8 @@ mod topology;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::mem::MaybeUninit;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -69,7 +69,9 @@ enum Role {
     Core,
     /// Issue-time stamps, only for request queues that do not keep their own (see bio.bpf.c).
     Issue,
-    /// Bio tracepoints, only while a bio-based disk (zram, dm, md) exists.
+    /// Bio tracepoints, attached at start: a bio-based disk (zram, dm, md, brd) can appear at any
+    /// moment and must be measured from its first IO, which no look at sysfs can promise. On
+    /// request-based disks the queue program returns after one check (see bio.bpf.c).
     Bio,
 }
 
@@ -136,7 +138,8 @@ pub struct Attached {
     pub mode: AttachMode,
     pub facts: KernelFacts,
     maps: MapReader,
-    state: Mutex<AttachState>,
+    /// Shared with the disk watcher (see watch_disks), which holds it weakly.
+    state: Arc<Mutex<AttachState>>,
     sys_block: PathBuf,
 }
 
@@ -145,6 +148,8 @@ struct AttachState {
     links: HashMap<&'static str, Link>,
     /// Disks whose histogram entries exist already (see precreate_entries).
     prepared: HashSet<u32>,
+    /// /sys/block's names when the watcher last created entries (see watch_disks).
+    prepared_names: BTreeSet<std::ffi::OsString>,
     /// /sys/block's names at the last look at the disks, and when that was (see refresh).
     disks_seen: BTreeSet<std::ffi::OsString>,
     looked_at: Option<Instant>,
@@ -156,6 +161,10 @@ struct AttachState {
 /// costs more than the rest of a scrape.
 const DISKS_RECHECK: Duration = Duration::from_secs(10);
 
+/// How often the disk watcher reads /sys/block's names (one directory read), so that a new disk's
+/// histogram entries are made by user space within this time, not at the next scrape.
+const DISKS_WATCH: Duration = Duration::from_secs(1);
+
 // SAFETY: the skeleton holds raw pointers into libbpf's bpf_object, which has no thread affinity;
 // libbpf is not safe for concurrent use, and every use goes through the Mutex around this state.
 unsafe impl Send for AttachState {}
@@ -166,9 +175,7 @@ impl Attached {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AttachState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_state(&self.state)
     }
 
     fn has_role(&self, role: Role) -> bool {
@@ -220,7 +227,7 @@ impl Attached {
         }
         st.disks_seen = names;
         st.looked_at = Some(Instant::now());
-        self.precreate_entries(&mut st);
+        precreate_entries(&self.maps.hists, &self.ops(), &self.sys_block, &mut st);
         if self.has_role(Role::Issue) && !self.role_attached(&st, Role::Issue) {
             let reason = match topology::request_disk_without_stats(&self.sys_block) {
                 Some(disk) => Some(format!(
@@ -236,6 +243,7 @@ impl Attached {
                 }
             }
         }
+        // Attached at start; this only retries after a failure there, once such a disk exists.
         if self.has_role(Role::Bio) && !self.role_attached(&st, Role::Bio) {
             if let Some(disk) = topology::bio_based_disk(&self.sys_block) {
                 match self.attach_role(&mut st, Role::Bio) {
@@ -250,32 +258,8 @@ impl Attached {
         }
     }
 
-    /// Creates the histogram entries of every disk's common operations from user space.
-    ///
-    /// A BPF program that inserts into a per-CPU hash allocates in the completion's interrupt
-    /// context, where the kernel's BPF allocator can fail under memory pressure (the IO would be
-    /// lost). User space allocates reliably, so the entries of known disks exist before their first
-    /// IO; zero entries are not exported, so a pair still appears only after it did IO.
-    fn precreate_entries(&self, st: &mut AttachState) {
-        let ops = self.facts.common_ops(self.mode);
-        let Ok(cpus) = libbpf_rs::num_possible_cpus() else {
-            return;
-        };
-        let zero = vec![vec![0u8; HIST_VALUE_SIZE]; cpus];
-        for dev in topology::disk_devs(&self.sys_block) {
-            if st.prepared.contains(&dev) {
-                continue;
-            }
-            for &op in &ops {
-                let key = crate::snapshot::key_bytes(dev, op);
-                // EEXIST: the kernel side was first; either way the entry exists.
-                let _ = self
-                    .maps
-                    .hists
-                    .update_percpu(&key, &zero, MapFlags::NO_EXIST);
-            }
-            st.prepared.insert(dev);
-        }
+    fn ops(&self) -> Vec<u32> {
+        self.facts.common_ops(self.mode)
     }
 
     /// Names of the attached programs, for logs.
@@ -288,6 +272,62 @@ impl Attached {
     /// Detaches every program now (the process is about to exit).
     pub fn detach(&self) {
         self.lock().links.clear();
+    }
+}
+
+fn lock_state(state: &Mutex<AttachState>) -> std::sync::MutexGuard<'_, AttachState> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Creates the histogram entries of every disk's common operations from user space.
+///
+/// A BPF program that inserts into a per-CPU hash allocates in the completion's interrupt
+/// context, where the kernel's BPF allocator can fail under memory pressure (the IO would be
+/// lost, and counted as `hist_map_full`). User space allocates reliably, so the entries of known
+/// disks exist before their first IO; zero entries are not exported, so a pair still appears only
+/// after it did IO.
+fn precreate_entries(hists: &MapHandle, ops: &[u32], sys_block: &Path, st: &mut AttachState) {
+    let Ok(cpus) = libbpf_rs::num_possible_cpus() else {
+        return;
+    };
+    let zero = vec![vec![0u8; HIST_VALUE_SIZE]; cpus];
+    for dev in topology::disk_devs(sys_block) {
+        if st.prepared.contains(&dev) {
+            continue;
+        }
+        for &op in ops {
+            let key = crate::snapshot::key_bytes(dev, op);
+            // EEXIST: the kernel side was first; either way the entry exists.
+            let _ = hists.update_percpu(&key, &zero, MapFlags::NO_EXIST);
+        }
+        st.prepared.insert(dev);
+    }
+}
+
+/// Makes the histogram entries of disks that appear while nobody scrapes (a zram device
+/// hot-added, a dm device created), within DISKS_WATCH of their appearing: scrapes may be a minute
+/// apart, and until the entries exist a disk's first IOs allocate in interrupt context. A disk
+/// that does IO within that second is still counted (the program creates the entry, or counts
+/// the IO lost). Ends when the programs are unloaded.
+fn watch_disks(
+    state: Weak<Mutex<AttachState>>,
+    hists: MapHandle,
+    ops: Vec<u32>,
+    sys_block: PathBuf,
+) {
+    loop {
+        std::thread::sleep(DISKS_WATCH);
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let names = topology::disk_names(&sys_block);
+        let mut st = lock_state(&state);
+        if names != st.prepared_names {
+            st.prepared_names = names;
+            precreate_entries(&hists, &ops, &sys_block, &mut st);
+        }
     }
 }
 
@@ -519,20 +559,37 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         mode,
         facts: facts.clone(),
         maps,
-        state: Mutex::new(AttachState {
+        state: Arc::new(Mutex::new(AttachState {
             skel,
             links: HashMap::new(),
             prepared: HashSet::new(),
+            prepared_names: BTreeSet::new(),
             disks_seen: BTreeSet::new(),
             looked_at: None,
-        }),
+        })),
         sys_block: PathBuf::from(topology::SYS_BLOCK),
     };
     {
         let mut st = attached.lock();
         attached.attach_role(&mut st, Role::Core)?;
+        if attached.has_role(Role::Bio) {
+            if let Err(e) = attached.attach_role(&mut st, Role::Bio) {
+                tracing::warn!(error = %e, "bio programs not attached: bio-based disks (zram, dm, md, brd) are not measured");
+            }
+        }
     }
     attached.refresh(None);
+    let watcher = {
+        let hists = MapHandle::try_from(&attached.maps.hists).map_err(|e| e.to_string())?;
+        let (state, ops) = (Arc::downgrade(&attached.state), attached.ops());
+        let sys_block = attached.sys_block.clone();
+        std::thread::Builder::new()
+            .name("disk-watch".into())
+            .spawn(move || watch_disks(state, hists, ops, sys_block))
+    };
+    if let Err(e) = watcher {
+        tracing::warn!(error = %e, "no disk watcher: new disks' histogram entries are made at the next scrape");
+    }
     tracing::info!(programs = ?attached.attached_programs(), "attached");
     Ok(attached)
 }
