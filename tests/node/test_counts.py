@@ -8,11 +8,17 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, direct_io, read_stat, sample, sh, stat_delta, wait_for
+from conftest import REPO, direct_io, read_stat, require_tool, sample, sh, stat_delta, wait_for
 
 # Modes that attach on a kernel with BTF and tracefs; kprobe has its own test (compiled out here).
 MODES = ["tp_btf", "raw_tp", "tracepoint"]
 LAT = "ebpf_bio_req_latency"
+# Issue 13 item 4: a run of a few hundred to tens of thousands of IOs may miss 1-4 of them with no
+# lost counter moving (seen here in every attach mode, also without discards, while other agents
+# attached and detached on this host). It is investigated on its own; until its fix lands, the
+# count tests below tolerate that many (the shortfalls they guard against are hundreds). Set to 0
+# with item 4's fix.
+ITEM4_UNEXPLAINED = 4
 SIZE = "ebpf_bio_req_size"
 
 
@@ -328,3 +334,149 @@ def test_a_bio_based_disk_that_appears_after_start_is_measured_from_its_first_io
     assert missing == 0 or 0 < missing <= lost_total(m1) - lost_total(m0), \
         f"{missing} of {s['write_ios']} writes to {zram} neither counted nor reported lost"
     assert deltas(m0, m1, f"{SIZE}_sum", device=zram, operation="write") == writes * 4
+
+
+def op_counts(ma, mb, dev):
+    return {op: deltas(ma, mb, f"{LAT}_count", operation=op, device=dev)
+            for op in ("read", "write", "flush", "discard")}
+
+
+def assert_like_stat(ma, mb, d, dev, mode, what):
+    """Per-operation counts equal stat's; in classic tracepoint mode writes fall short by the empty
+    preflush writes (README, "What is measured, exactly"), which is all they may miss. Anything
+    else missing must be reported lost (host-wide, so a bound), or be item 4's few."""
+    got = op_counts(ma, mb, dev)
+    want = {"read": d["read_ios"], "write": d["write_ios"], "flush": d["flush_ios"], "discard": d["discard_ios"]}
+    lost = {l["reason"]: v for n, l, v in mb if n == "ebpf_bio_lost_events_total" and v}
+    unexplained = ITEM4_UNEXPLAINED + lost_total(mb) - lost_total(ma)
+    written_kib = deltas(ma, mb, f"{SIZE}_sum", operation="write", device=dev)
+    msg = f"{what}: agent {got}, {written_kib} KiB written, lost {lost}; stat delta {d}"
+    if mode == "tracepoint":
+        assert got["write"] <= want["write"], msg
+        got["write"] = want["write"]
+    missing = {op: want[op] - got[op] for op in want}
+    kib_short = d["write_sectors"] * 512 / 1024 - written_kib
+    assert all(m >= 0 for m in missing.values()) and kib_short >= 0, msg
+    # Bytes missing with no write missing: a data write missed where tracepoint mode's excused
+    # empty writes hide it in the count.
+    assert sum(missing.values()) + (kib_short > 0 and not missing["write"]) <= unexplained, msg
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsync_on_a_raw_block_device_counts_like_sysfs(agent_factory, loop, mode):
+    # fsync on a block device ends in blkdev_issue_flush: an empty REQ_PREFLUSH write that stat
+    # counts as a write of 0 sectors, next to its flush (issue 13: stat +500 writes, agent +0).
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
+    fd = os.open(loop.path, os.O_WRONLY)
+    try:
+        s0 = wait_idle(loop.name)
+        m0 = agent.samples()
+        for _ in range(500):  # nothing dirty: only the empty preflush writes and their flushes
+            os.fsync(fd)
+        s1 = wait_idle(loop.name)
+        m1 = agent.samples()
+        for i in range(200):  # a small buffered write, then fsync: written back, then flushed
+            os.pwrite(fd, os.urandom(4096), i * 4096)
+            os.fsync(fd)
+        s2 = wait_idle(loop.name)
+        m2 = agent.samples()
+    finally:
+        os.close(fd)
+    d1, d2 = stat_delta(s0, s1), stat_delta(s1, s2)
+    # The case is there: 500 writes of 0 sectors and 500 flushes in stat.
+    assert (d1["write_ios"], d1["write_sectors"], d1["flush_ios"]) == (500, 0, 500), f"stat delta {d1}"
+    assert d2["write_ios"] == 400 and d2["flush_ios"] == 200, f"stat delta {d2}"
+    got1 = assert_like_stat(m0, m1, d1, loop.name, mode, "500 fsyncs, nothing written")
+    assert_like_stat(m1, m2, d2, loop.name, mode, "200 x (4 KiB write + fsync)")
+    w1, w2 = (deltas(a, b, f"{LAT}_count", operation="write", device=loop.name) for a, b in ((m0, m1), (m1, m2)))
+    if mode == "tracepoint":
+        # Exactly the empty writes are missing: one per fsync here (one fsync at a time, one flush each).
+        assert w1 == 0 and 200 - ITEM4_UNEXPLAINED <= w2 <= 200, (w1, w2)
+    else:
+        assert w1 >= 500 - ITEM4_UNEXPLAINED and w2 >= 400 - ITEM4_UNEXPLAINED, got1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fdatasync_on_ext4_counts_like_sysfs(agent_factory, loop, mode, tmp_path):
+    # A database's pattern: overwrite a page in place, fdatasync. No metadata changes, so ext4 commits
+    # no journal transaction and issues the flush itself (an empty preflush write); appends change
+    # the size, so each of their fdatasyncs commits the journal (a PREFLUSH/FUA data write).
+    sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", loop.path, str(mnt))
+    try:
+        path = str(mnt / "db")
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20))
+            os.fsync(f.fileno())
+        sh("sync")
+        agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            s0 = wait_idle(loop.name)
+            m0 = agent.samples()
+            for i in range(200):
+                os.pwrite(fd, os.urandom(4096), (i * 37 % 256) * 4096)
+                os.fdatasync(fd)
+            s1 = wait_idle(loop.name)
+            m1 = agent.samples()
+            for i in range(100):
+                os.pwrite(fd, os.urandom(4096), (1 << 20) + i * 4096)
+                os.fdatasync(fd)
+            s2 = wait_idle(loop.name)
+            m2 = agent.samples()
+        finally:
+            os.close(fd)
+    finally:
+        sh("umount", str(mnt))
+    d1, d2 = stat_delta(s0, s1), stat_delta(s1, s2)
+    # The cases are there: in-place fdatasyncs flush without a commit (a data write and an empty
+    # write each), appends commit.
+    assert d1["write_ios"] >= 400 and d1["flush_ios"] >= 200, f"stat delta {d1}"
+    assert d2["write_ios"] >= 200 and d2["flush_ios"] >= 100, f"stat delta {d2}"
+    assert_like_stat(m0, m1, d1, loop.name, mode, "200 x (overwrite + fdatasync)")
+    assert_like_stat(m1, m2, d2, loop.name, mode, "100 x (append + fdatasync)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_random_read_write_with_fsyncs_counts_like_sysfs(agent_factory, loop, mode):
+    # Issue 13's mix: random reads and writes from two jobs, each fsyncing every 8 writes (stat
+    # +10,918 writes, agent +9,999 before the empty preflush writes were counted). Classic
+    # tracepoints key in-flight IOs by (device, sector), so two jobs' IOs to one block at once
+    # collide (counted lost); there one job runs, and the writes fall short by exactly one empty
+    # write per fsync.
+    require_tool("fio")
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
+    s0 = wait_idle(loop.name)
+    m0 = agent.samples()
+    jobs = 1 if mode == "tracepoint" else 2
+    sh("fio", "--name=mix", f"--filename={loop.path}", "--rw=randrw", "--bs=4k", "--direct=1",
+       "--ioengine=psync", f"--numjobs={jobs}", "--fsync=8", "--size=32m", "--time_based",
+       "--runtime=5", "--group_reporting")
+    s1 = wait_idle(loop.name)
+    m1 = agent.samples()
+    d = stat_delta(s0, s1)
+    assert d["flush_ios"] > 0 and d["read_ios"] > 0, f"stat delta {d}"
+    assert_like_stat(m0, m1, d, loop.name, mode, "fio randrw + fsync")
+    if mode == "tracepoint":
+        short = d["write_ios"] - deltas(m0, m1, f"{LAT}_count", operation="write", device=loop.name)
+        assert d["flush_ios"] <= short <= d["flush_ios"] + ITEM4_UNEXPLAINED
+
+
+def test_zram_discards_are_counted_though_zram_stat_does_not(agent, zram):
+    # zram ends discard (and write_zeroes) bios without the block layer's IO accounting, so its
+    # /sys/block/DEV/stat never counts them; the agent measures every bio and counts them: the one
+    # documented exception to "counts match stat" (README, "What is measured, exactly").
+    path = f"/dev/{zram}"
+    direct_io(path, "write", 65536, 16)  # something to discard
+    m0, s0 = agent.samples(), read_stat(zram)
+    for i in range(4):  # 64 KiB each: one bio apiece
+        sh("blkdiscard", "-o", str(i * 65536), "-l", "65536", path)
+    m1, s1 = agent.samples(), read_stat(zram)
+    d = stat_delta(s0, s1)
+    dev = {"device": zram, "operation": "discard"}
+    assert deltas(m0, m1, f"{LAT}_count", **dev) == 4
+    assert deltas(m0, m1, f"{SIZE}_sum", **dev) == 4 * 64
+    assert (d["discard_ios"], d["discard_sectors"], d["write_ios"]) == (0, 0, 0), f"stat delta {d}"
