@@ -1,4 +1,6 @@
 """The kernel-side histograms count exactly what the block layer counts (/sys/block/DEV/stat)."""
+import contextlib
+import json
 import mmap
 import os
 import re
@@ -480,3 +482,34 @@ def test_zram_discards_are_counted_though_zram_stat_does_not(agent, zram):
     assert deltas(m0, m1, f"{LAT}_count", **dev) == 4
     assert deltas(m0, m1, f"{SIZE}_sum", **dev) == 4 * 64
     assert (d["discard_ios"], d["discard_sectors"], d["write_ios"]) == (0, 0, 0), f"stat delta {d}"
+
+
+def agent_hist_keys(agent):
+    """(dev, op) keys of the agent's `hists` map, read with bpftool without a scrape (a scrape
+    would make the entries itself). The map is found among the agent's own fds."""
+    require_tool("bpftool")
+    pid = agent.proc.pid
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(l.split(":", 1) for l in f.read().splitlines() if ":" in l)
+            if "map_id" not in info:
+                continue
+            map_id = info["map_id"].strip()
+            if json.loads(sh("bpftool", "-j", "map", "show", "id", map_id).stdout).get("name") != "hists":
+                continue
+            entries = json.loads(sh("bpftool", "-j", "map", "dump", "id", map_id).stdout)
+            return {(e["formatted"]["key"]["dev"], e["formatted"]["key"]["op"]) for e in entries}
+    raise AssertionError(f"no hists map among the fds of agent {pid}")
+
+
+def test_a_new_disk_gets_its_histogram_entries_without_a_scrape(agent, zram_factory):
+    # The programs would create a missing entry in the completion's interrupt context, where
+    # allocation can fail; the agent makes them for a disk that appears within a second, not at the
+    # next scrape (which may be a minute away).
+    zram = zram_factory(size_bytes=0)
+    with open(f"/sys/block/{zram}/dev") as f:
+        major, minor = (int(x) for x in f.read().split(":"))
+    dev = (major << 20) | minor
+    wait_for(lambda: any(d == dev for d, _ in agent_hist_keys(agent)), timeout=5, what=f"entries of {zram}")
+    assert len({op for d, op in agent_hist_keys(agent) if d == dev}) >= 2
