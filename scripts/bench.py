@@ -1,9 +1,13 @@
 """Benchmarks of the node-agent (not tests: they report numbers, they do not pass or fail).
 
 Each figure is the median of alternating runs, so drift on a shared VM hits every variant alike:
-- BPF time per IO for each attach mode: kernel.bpf_stats_enabled run_time_ns / IOs completed;
+- BPF time per IO for each attach mode: kernel.bpf_stats_enabled run_time_ns of the started
+  agent's own programs / IOs completed (and the share of the bio programs);
 - fio 4k random-read IOPS on a /dev/shm-backed loop device without and with the agent;
 - /metrics latency (p50/p99) and agent RSS with 64 loop devices that all did IO.
+
+With BIO_AGENT_BIN_BASELINE set to another build, the BPF time per IO is measured for both,
+alternating in every round, so a change to the programs is compared side by side.
 """
 import argparse
 import contextlib
@@ -18,6 +22,7 @@ import time
 import urllib.request
 
 AGENT = os.environ["BIO_AGENT_BIN"]
+BASELINE = os.environ.get("BIO_AGENT_BIN_BASELINE")
 PROGRAM_PREFIXES = ("btf_", "raw_", "tp_rq", "kp_rq")
 
 
@@ -45,9 +50,9 @@ def loop_device(size=256 << 20):
 
 
 @contextlib.contextmanager
-def agent(*args, env=None):
+def agent(*args, env=None, binary=None):
     port = free_port()
-    proc = subprocess.Popen([AGENT, "--listen", f"127.0.0.1:{port}", *args],
+    proc = subprocess.Popen([binary or AGENT, "--listen", f"127.0.0.1:{port}", *args],
                             env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -79,19 +84,33 @@ def read_ios(dev):
         return int(f.read().split()[0])
 
 
-def prog_stats():
+def agent_prog_ids(pid):
+    """IDs of the programs this agent loaded (its fds say), so that other agents on the host do not
+    count."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            ids.update(int(l.split()[1]) for l in f if l.startswith("prog_id:"))
+    return ids
+
+
+def prog_stats(ids):
     progs = json.loads(sh("bpftool", "-j", "prog", "show"))
-    return {p["id"]: (p.get("run_time_ns", 0), p.get("run_cnt", 0))
-            for p in progs if p.get("name", "").startswith(PROGRAM_PREFIXES)}
+    return {p["id"]: (p.get("run_time_ns", 0), p.get("run_cnt", 0), p.get("name", ""))
+            for p in progs if p["id"] in ids and p.get("name", "").startswith(PROGRAM_PREFIXES)}
 
 
-def bpf_ns_per_io(dev, mode, seconds):
-    with agent("--attach", mode):
-        before, ios0 = prog_stats(), read_ios(dev)
+def bpf_ns_per_io(dev, mode, seconds, binary=None):
+    """BPF ns per IO of every program, and of the bio programs alone."""
+    with agent("--attach", mode, binary=binary) as (proc, _):
+        ids = agent_prog_ids(proc.pid)
+        before, ios0 = prog_stats(ids), read_ios(dev)
         fio_randread(dev, seconds)
-        after, ios1 = prog_stats(), read_ios(dev)
-    total = sum(after[i][0] - before.get(i, (0, 0))[0] for i in after)
-    return total / max(1, ios1 - ios0)
+        after, ios1 = prog_stats(ids), read_ios(dev)
+    ios = max(1, ios1 - ios0)
+    spent = {i: after[i][0] - before.get(i, (0, 0))[0] for i in after}
+    bio = sum(ns for i, ns in spent.items() if "_bio_" in after[i][2])
+    return sum(spent.values()) / ios, bio / ios
 
 
 def scrape_cost(n_devices, scrapes):
@@ -143,13 +162,17 @@ def main():
         stats_was = f.read().strip()
     with loop_device() as dev:
         fio_randread(dev, 1)  # warm the page cache of the backing file
-        per_io = {m: [] for m in modes}
+        variants = [(m, None) for m in modes] + [(m, BASELINE) for m in modes if BASELINE]
+        per_io = {v: [] for v in variants}
+        bio_per_io = {v: [] for v in variants}
         iops = {"without": [], "with": []}
         try:
             sh("sysctl", "-q", "kernel.bpf_stats_enabled=1")
             for _ in range(args.rounds):
-                for m in modes:
-                    per_io[m].append(bpf_ns_per_io(dev, m, args.seconds))
+                for m, binary in variants:
+                    total, bio = bpf_ns_per_io(dev, m, args.seconds, binary)
+                    per_io[(m, binary)].append(total)
+                    bio_per_io[(m, binary)].append(bio)
         finally:
             sh("sysctl", "-q", f"kernel.bpf_stats_enabled={stats_was}")
         for _ in range(args.rounds):
@@ -157,10 +180,12 @@ def main():
             with agent():
                 iops["with"].append(fio_randread(dev, args.seconds)[0])
     print("\n## BPF time per IO (fio 4k randread, psync, loop on /dev/shm; includes bpf_stats' own ~84 ns per program run)")
-    print("| mode | median ns/IO | runs |")
-    print("|---|---|---|")
-    for m in modes:
-        print(f"| {m} | {statistics.median(per_io[m]):.0f} | {', '.join(f'{v:.0f}' for v in per_io[m])} |")
+    print("| mode | build | median ns/IO | runs | of it bio programs (median) |")
+    print("|---|---|---|---|---|")
+    for (m, binary), runs in per_io.items():
+        build = "baseline" if binary else "this"
+        bio = statistics.median(bio_per_io[(m, binary)])
+        print(f"| {m} | {build} | {statistics.median(runs):.0f} | {', '.join(f'{v:.0f}' for v in runs)} | {bio:.0f} |")
     w, wo = statistics.median(iops["with"]), statistics.median(iops["without"])
     print("\n## fio 4k random-read IOPS, one job, iodepth 1")
     print("| without agent | with agent (auto) | ratio |")
