@@ -23,6 +23,9 @@ pub const AGENTS_HEALTHY: &str = "AgentsHealthy";
 pub mod reason {
     pub const READY: &str = "Ready";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Ready: the API server refused the agent DaemonSet for a field the
+    /// operator sets itself (a spec problem is `InvalidSpec`).
+    pub const APPLY_REJECTED: &str = "ApplyRejected";
     pub const NODE_CONFLICT: &str = "NodeConflict";
     pub const DAEMONSET_NOT_READY: &str = "DaemonSetNotReady";
     pub const SERVICE_MONITOR_NOT_READY: &str = "ServiceMonitorNotReady";
@@ -133,7 +136,11 @@ pub enum AgentsState {
 pub struct Observation {
     /// metadata.generation of the BioMonitor that was reconciled.
     pub generation: Option<i64>,
+    /// Why the spec cannot be rolled out, by BioMonitor field: found before
+    /// applying, or the API server's refusal of the DaemonSet mapped back.
     pub invalid_spec: Option<String>,
+    /// The API server refused the DaemonSet for a field not from the spec.
+    pub apply_rejected: Option<String>,
     pub node_conflict: Option<String>,
     pub daemonset: DaemonSetState,
     pub service_monitor: ServiceMonitorState,
@@ -720,6 +727,8 @@ pub fn compute_status(
     // not rolled out, so the certificate is the cause to report.
     let ready_outcome = if let Some(msg) = &obs.invalid_spec {
         Outcome::new(false, reason::INVALID_SPEC, msg.clone())
+    } else if let Some(msg) = &obs.apply_rejected {
+        Outcome::new(false, reason::APPLY_REJECTED, msg.clone())
     } else if let Some(msg) = &obs.node_conflict {
         Outcome::new(false, reason::NODE_CONFLICT, msg.clone())
     } else if tls_condition.status != "True" {
@@ -801,6 +810,7 @@ mod tests {
         Observation {
             generation: Some(3),
             invalid_spec: None,
+            apply_rejected: None,
             node_conflict: None,
             daemonset,
             service_monitor,
@@ -936,6 +946,24 @@ mod tests {
             "an invalid spec is still observed"
         );
         assert_eq!(get(&s, SERVICE_MONITOR_READY).status, "Unknown");
+    }
+
+    #[test]
+    fn a_rejected_daemonset_makes_ready_false_while_the_old_one_runs() {
+        let mut o = obs(ds(2, 2, 2, 1), ServiceMonitorState::Applied);
+        o.apply_rejected = Some("the API server rejected the agent DaemonSet: x".into());
+        let s = compute_status(None, &o, &t(1));
+        let r = get(&s, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str(), r.message.as_str()),
+            (
+                "False",
+                reason::APPLY_REJECTED,
+                "the API server rejected the agent DaemonSet: x"
+            )
+        );
+        // The previous DaemonSet keeps running and is reported as it is.
+        assert_eq!(get(&s, DAEMONSET_READY).status, "True");
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::{
     names,
     resources::{self, certificate, rbac, servicemonitor, tls, Certificate, ServiceMonitor},
     settings::{Settings, WatchScope, NAMESPACE_NOT_ALLOWED},
-    validate::validate_spec,
+    validate::{self, validate_spec},
     Error, Result,
 };
 
@@ -421,7 +421,8 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let generation = bm.metadata.generation;
 
-    let invalid_spec = validate_spec(&bm.spec).err();
+    let mut invalid_spec = validate_spec(&bm.spec).err().map(|e| e.to_string());
+    let mut apply_rejected = None;
     let (verdict, others_changed) = ctx.verdict(&bm);
     if others_changed {
         // This monitor's spec (or arrival) changed another one's verdict.
@@ -476,10 +477,31 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
                 message: message.clone(),
             }
         } else if tls.in_place {
-            let ds = apply_namespaced(ctx, &namespace, &children.daemonset).await?;
-            DaemonSetState::Observed {
-                generation: ds.metadata.generation,
-                status: ds.status,
+            match apply_namespaced(ctx, &namespace, &children.daemonset).await {
+                Ok(ds) => DaemonSetState::Observed {
+                    generation: ds.metadata.generation,
+                    status: ds.status,
+                },
+                Err(Error::Kube(kube::Error::Api(status))) => {
+                    // The API server's verdict on the spec will not change on
+                    // retry: report it on the status (by BioMonitor field) and
+                    // keep the running DaemonSet, as for an invalid spec.
+                    let Some(rejection) = validate::rejection(&status) else {
+                        return Err(Error::Kube(kube::Error::Api(status)));
+                    };
+                    tracing::warn!(
+                        biomonitor = %ObjectRef::from_obj(bm.as_ref()),
+                        message = %rejection.message,
+                        "the API server rejected the agent DaemonSet"
+                    );
+                    if rejection.spec_fields_only {
+                        invalid_spec = Some(rejection.message);
+                    } else {
+                        apply_rejected = Some(rejection.message);
+                    }
+                    observe_daemonset().await?
+                }
+                Err(e) => return Err(e),
             }
         } else {
             observe_daemonset().await?
@@ -502,6 +524,7 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     let observation = Observation {
         generation,
         invalid_spec,
+        apply_rejected,
         node_conflict,
         daemonset,
         service_monitor,
@@ -995,9 +1018,13 @@ async fn publish_transition_events(
     let reason_of = |s: Option<&BioMonitorStatus>, t: &str| {
         s.and_then(|s| s.condition(t)).map(|c| c.reason.clone())
     };
+    let message_of = |s: Option<&BioMonitorStatus>, t: &str| {
+        s.and_then(|s| s.condition(t)).map(|c| c.message.clone())
+    };
     let mut events = Vec::new();
     for (type_, bad) in [
         (conditions::READY, conditions::reason::INVALID_SPEC),
+        (conditions::READY, conditions::reason::APPLY_REJECTED),
         (conditions::READY, conditions::reason::NODE_CONFLICT),
         (
             conditions::SERVICE_MONITOR_READY,
@@ -1017,7 +1044,14 @@ async fn publish_transition_events(
         ),
     ] {
         let now = reason_of(Some(new), type_);
-        if now.as_deref() == Some(bad) && reason_of(old, type_).as_deref() != Some(bad) {
+        // A spec fixed in one field and broken in another is a new problem
+        // to warn about; those messages name fields only, so they change
+        // exactly when the problem does (agent failure messages do not).
+        let spec_problem =
+            bad == conditions::reason::INVALID_SPEC || bad == conditions::reason::APPLY_REJECTED;
+        let new_problem = reason_of(old, type_).as_deref() != Some(bad)
+            || (spec_problem && message_of(old, type_) != message_of(Some(new), type_));
+        if now.as_deref() == Some(bad) && new_problem {
             let note = new.condition(type_).map(|c| c.message.clone());
             events.push((bad, note));
         }
