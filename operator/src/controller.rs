@@ -491,7 +491,7 @@ async fn apply(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
                     };
                     tracing::warn!(
                         biomonitor = %ObjectRef::from_obj(bm.as_ref()),
-                        message = %rejection.message,
+                        verdict = %rejection.message,
                         "the API server rejected the agent DaemonSet"
                     );
                     if rejection.spec_fields_only {
@@ -1018,9 +1018,6 @@ async fn publish_transition_events(
     let reason_of = |s: Option<&BioMonitorStatus>, t: &str| {
         s.and_then(|s| s.condition(t)).map(|c| c.reason.clone())
     };
-    let message_of = |s: Option<&BioMonitorStatus>, t: &str| {
-        s.and_then(|s| s.condition(t)).map(|c| c.message.clone())
-    };
     let mut events = Vec::new();
     for (type_, bad) in [
         (conditions::READY, conditions::reason::INVALID_SPEC),
@@ -1044,14 +1041,11 @@ async fn publish_transition_events(
         ),
     ] {
         let now = reason_of(Some(new), type_);
-        // A spec fixed in one field and broken in another is a new problem
-        // to warn about; those messages name fields only, so they change
-        // exactly when the problem does (agent failure messages do not).
-        let spec_problem =
-            bad == conditions::reason::INVALID_SPEC || bad == conditions::reason::APPLY_REJECTED;
-        let new_problem = reason_of(old, type_).as_deref() != Some(bad)
-            || (spec_problem && message_of(old, type_) != message_of(Some(new), type_));
-        if now.as_deref() == Some(bad) && new_problem {
+        // Only on the transition: kube's Recorder folds a repeat of the same
+        // reason into a series that keeps the first note, so a second event
+        // for a changed message would show the old one. The condition
+        // always carries the current message.
+        if now.as_deref() == Some(bad) && reason_of(old, type_).as_deref() != Some(bad) {
             let note = new.condition(type_).map(|c| c.message.clone());
             events.push((bad, note));
         }

@@ -397,12 +397,18 @@ pub struct Rejection {
     pub message: String,
 }
 
-/// Maps an API error on applying the DaemonSet (422 Invalid with causes, or
-/// 400 BadRequest, which is how an unparseable quantity comes back) to a
-/// message naming BioMonitor fields; `None` for errors that are not a verdict
-/// on the object (conflicts, timeouts, RBAC), which are retried instead.
+/// Maps an API error on applying the DaemonSet to a message naming
+/// BioMonitor fields: 422 Invalid (with causes), 400 BadRequest, and the 500
+/// a server-side apply gets when the object cannot be decoded (an
+/// unparseable quantity, as kube-apiserver 1.37 answers). `None` for errors
+/// that are not a verdict on the object (conflicts, timeouts, RBAC), which
+/// are retried instead.
 pub fn rejection(status: &kube::core::Status) -> Option<Rejection> {
-    if status.code != 422 && status.code != 400 {
+    let undecodable = status.code == 500
+        && status
+            .message
+            .contains("unable to convert unstructured object");
+    if status.code != 422 && status.code != 400 && !undecodable {
         return None;
     }
     let causes = status
@@ -816,6 +822,11 @@ mod tests {
             "{}",
             r.message
         );
+
+        // Server-side apply of an undecodable object (kube-apiserver 1.37's answer).
+        let r = rejection(&status(500, &[], "failed to convert new object (ns/x-agent; apps/v1, Kind=DaemonSet) to proper version: unable to convert unstructured object to apps/v1, Kind=DaemonSet: quantities must match the regular expression")).unwrap();
+        assert!(!r.spec_fields_only);
+        assert!(r.message.contains("quantities must match"), "{}", r.message);
 
         // Not a verdict on the object: retried, not reported.
         for code in [403, 404, 409, 500, 504] {

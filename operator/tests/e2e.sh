@@ -24,6 +24,10 @@
 #     mounts, ports, selectors, owner references); 3/3 nodes Ready;
 #     CRDNotInstalled then Ready once the CRD appears; InvalidSpec; rolling a
 #     spec change; NodeConflict; deletion (finalizer, garbage collection);
+#   * specs valid to the schema that the API server refuses in the DaemonSet
+#     (tolerations, requests > limits, an unparseable quantity, a bad
+#     nodeSelector key, priorityClassName): InvalidSpec naming the field, a
+#     Warning event, the other BioMonitor still reconciling;
 #   * secured /metrics: TLS + auth=kubernetes with the operator's own CA (the
 #     real ServiceMonitor schema accepts the endpoint, SANs checked with
 #     openssl, the real node-agent serving the Secret's certificate on
@@ -480,6 +484,83 @@ pyck "ServiceMonitor interval/scrapeTimeout accepted by the real schema" sm '(o[
 k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"persistentVolumeLabels":false}}' >/dev/null
 wait_for 30 "agent removed from the PV ClusterRoleBinding without PV labels" lacks_subject "$PV_CRB" "$AGENT_NS" disks-agent
 wait_for 30 "no token and no kubelet mount without PV labels" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o json | python3 -c 'import json,sys; o=json.load(sys.stdin); p=o[\"spec\"][\"template\"][\"spec\"]; sys.exit(0 if p[\"automountServiceAccountToken\"] is False and [v[\"hostPath\"][\"path\"] for v in p[\"volumes\"]] == [\"/sys/kernel/tracing\"] else 1)'"
+
+# ------------------------------- specs the API server rejects (issue 13) --
+# Valid to the CRD schema, refused by the API server in the DaemonSet's pod
+# template. Each must end as Ready=False/InvalidSpec naming the BioMonitor
+# field, with a Warning event, while other BioMonitors keep reconciling.
+# The first four are caught before applying (validate.rs); the fifth
+# (priorityClassName, which the operator does not pre-check) is refused on
+# apply and mapped back from the DaemonSet path. No nodes are selected, so
+# the NodeConflict rule never steps in before the apply.
+log "schema-valid specs the API server rejects -> InvalidSpec naming the field, an event"
+REJ_CASES=(
+  'rej-tol|{"tolerations":[{"key":"a","operator":"Garbage","effect":"Sometimes"}]}|spec.tolerations[0].operator|spec.template.spec.tolerations'
+  'rej-req|{"agent":{"resources":{"requests":{"memory":"1Gi"},"limits":{"memory":"256Mi"}}}}|spec.agent.resources.requests[memory]|spec.template.spec.containers[0].resources'
+  'rej-lots|{"agent":{"resources":{"limits":{"memory":"lots"}}}}|spec.agent.resources.limits[memory]|quantities must match'
+  'rej-sel|{"nodeSelector":{"bad key!":"x"}}|spec.nodeSelector|spec.template.spec.nodeSelector'
+  'rej-pcn|{"agent":{"priorityClassName":"Not_Valid"}}|spec.agent.priorityClassName|spec.template.spec.priorityClassName'
+)
+# The real API server is the judge: each of these, put into the DaemonSet
+# the operator made for "disks", is refused at the DaemonSet path the
+# operator maps back from (so the pre-checks reject only what it rejects).
+k get ds -n "$AGENT_NS" disks-agent -o json >"$OUT/rej-base-ds.json"
+for c in "${REJ_CASES[@]}"; do
+  IFS='|' read -r name patch field ds_path <<<"$c"
+  python3 - "$OUT/rej-base-ds.json" "$patch" >"$OUT/$name-ds.json" <<'PY'
+import json, sys
+ds = json.load(open(sys.argv[1]))
+spec = json.loads(sys.argv[2])
+for k in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields", "ownerReferences"):
+    ds["metadata"].pop(k, None)
+ds.pop("status", None)
+pod = ds["spec"]["template"]["spec"]
+if "tolerations" in spec: pod["tolerations"] = spec["tolerations"]
+if "nodeSelector" in spec: pod["nodeSelector"].update(spec["nodeSelector"])
+agent = spec.get("agent", {})
+if "resources" in agent: pod["containers"][0]["resources"] = agent["resources"]
+if "priorityClassName" in agent: pod["priorityClassName"] = agent["priorityClassName"]
+json.dump(ds, sys.stdout)
+PY
+  if out="$(k apply --server-side --force-conflicts --field-manager=bio-e2e-judge --dry-run=server -f "$OUT/$name-ds.json" 2>&1)"; then
+    bad "$name: the API server accepted the DaemonSet (the case tests nothing)"
+  else
+    [[ "$out" == *"$ds_path"* ]] && ok "$name: the API server refuses it in the DaemonSet ($ds_path)" || bad "$name: API server said: $out"
+  fi
+  printf '{"apiVersion":"bioexporter.io/v1alpha1","kind":"BioMonitor","metadata":{"name":"%s","namespace":"%s"},"spec":%s}' \
+    "$name" "$AGENT_NS" "$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); s.setdefault("nodeSelector",{})["bio-e2e-nowhere"]="x"; print(json.dumps(s))' "$patch")" |
+    k apply -f - >/dev/null
+done
+for c in "${REJ_CASES[@]}"; do
+  IFS='|' read -r name patch field ds_path <<<"$c"
+  wait_for 30 "$name: Ready=False/InvalidSpec" cond_is "$AGENT_NS" "$name" Ready False/InvalidSpec
+  msg="$(k get biomonitor -n "$AGENT_NS" "$name" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')"
+  [[ "$msg" == *"$field"* ]] && ok "$name: the condition names $field" || bad "$name: condition message: $msg"
+  wait_for 10 "$name: a Warning event InvalidSpec" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get events -n $AGENT_NS --field-selector type=Warning,reason=InvalidSpec,involvedObject.name=$name -o name | grep -q ."
+  expect "$name: observedGeneration follows" gen_observed "$AGENT_NS" "$name"
+done
+msg="$(k get biomonitor -n "$AGENT_NS" rej-pcn -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')"
+[[ "$msg" == *'the API server rejected the agent DaemonSet'* ]] && ok "rej-pcn: refused on apply, reported as the API server's verdict" || bad "rej-pcn message: $msg"
+for name in rej-tol rej-req rej-lots rej-sel; do
+  expect "$name: pre-checked, so no DaemonSet was ever applied" gone ds -n "$AGENT_NS" "$name-agent"
+done
+# Meanwhile the other BioMonitor still rolls out a change.
+k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"agent":{"logLevel":"warn"}}}' >/dev/null
+wait_for 30 "disks keeps reconciling beside the rejected specs" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- --log-level=warn"
+wait_for 30 "disks observedGeneration follows" gen_observed "$AGENT_NS" disks
+# Fixing one field and breaking another: the condition follows the new problem.
+k patch biomonitor -n "$AGENT_NS" rej-tol --type merge -p '{"spec":{"tolerations":[{"operator":"Exists"}],"nodeSelector":{"bad key!":"x","bio-e2e-nowhere":"x"}}}' >/dev/null
+wait_for 30 "rej-tol: the condition names the new field" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get biomonitor -n $AGENT_NS rej-tol -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].message}' | grep -q '^spec.nodeSelector: key'"
+k patch biomonitor -n "$AGENT_NS" rej-pcn --type json -p '[{"op":"remove","path":"/spec/agent/priorityClassName"}]' >/dev/null
+wait_for 30 "rej-pcn fixed: the DaemonSet is applied" k get ds -n "$AGENT_NS" rej-pcn-agent
+wait_for 30 "rej-pcn fixed: Ready leaves InvalidSpec" bash -c "! [[ \"\$(KUBECONFIG=$ADMIN_KUBECONFIG kubectl get biomonitor -n $AGENT_NS rej-pcn -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].reason}')\" == InvalidSpec ]]"
+k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"agent":{"logLevel":"debug"}}}' >/dev/null
+for c in "${REJ_CASES[@]}"; do
+  k delete biomonitor -n "$AGENT_NS" "${c%%|*}" --wait=false >/dev/null
+done
+for c in "${REJ_CASES[@]}"; do
+  wait_for 30 "${c%%|*} deleted" gone biomonitor -n "$AGENT_NS" "${c%%|*}"
+done
 
 # -------------------------------------------------------- secured /metrics --
 log "secured /metrics: TLS + auth=kubernetes, certificates from the operator"
