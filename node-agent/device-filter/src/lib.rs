@@ -22,9 +22,7 @@ pub enum PatternError {
     #[error("not a valid regex: {0}")]
     Syntax(String),
     /// Valid, but compiles to more than [`SIZE_LIMIT`] (large or nested repetition).
-    #[error(
-        "compiles to more than {limit} bytes (the limit is {SIZE_LIMIT}); use less repetition"
-    )]
+    #[error("compiles to more than {limit} bytes, the limit per pattern; use less repetition")]
     TooBig { limit: usize },
 }
 
