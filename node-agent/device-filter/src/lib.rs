@@ -73,7 +73,7 @@ impl fmt::Display for List {
 /// One unusable pattern, with where it was given (the agent names the flag from `list`,
 /// the operator the BioMonitor field from `list` and `index`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid device {list} regex {pattern:?}: {error}")]
+#[error("invalid device regex {pattern:?} (an {list} pattern): {error}")]
 pub struct InvalidDeviceRegex {
     pub list: List,
     /// Position in its list, from 0.
@@ -277,7 +277,10 @@ mod tests {
         assert_eq!((err.list, err.index), (List::Include, 1));
         assert!(matches!(err.error, PatternError::Syntax(_)), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains("include regex \"loop[\""), "{msg}");
+        assert!(
+            msg.contains("invalid device regex \"loop[\" (an include pattern)"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'), "{msg}");
         let err = DeviceFilter::new(&[], &owned(&["(loop"])).unwrap_err();
         assert_eq!((err.list, err.index), (List::Exclude, 0));
