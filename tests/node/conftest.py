@@ -263,3 +263,59 @@ def zram_factory():
         with contextlib.suppress(OSError):
             with open("/sys/class/zram-control/hot_remove", "w") as f:
                 f.write(str(idx))
+
+
+class CompletionTrace:
+    """Counts block_rq_complete events of one disk in a tracefs instance of our own.
+
+    The tracepoint the agent's programs run on, recorded by the kernel's own tracer: an
+    independent count of completions per operation, to tell what the kernel completed from what
+    the agent was shown.
+    """
+
+    OPS = {"R": "read", "W": "write", "D": "discard"}
+
+    def __init__(self, dev_path):
+        root = "/sys/kernel/tracing"
+        if not os.path.isdir(f"{root}/events/block/block_rq_complete"):
+            pytest.skip("SKIPPED LOUDLY: no block_rq_complete in tracefs (/sys/kernel/tracing): cannot count completions independently")
+        self.dir = tempfile.mkdtemp(prefix="bio-test-", dir=f"{root}/instances")
+        rdev = os.stat(dev_path).st_rdev
+        kdev = (os.major(rdev) << 20) | os.minor(rdev)  # the kernel's dev_t, as the event records it
+        self._write("buffer_size_kb", "65536")
+        self._write("events/block/block_rq_complete/filter", f"dev == {kdev}")
+        self._write("events/block/block_rq_complete/enable", "1")
+
+    def _write(self, name, value):
+        with open(f"{self.dir}/{name}", "w") as f:
+            f.write(value)
+
+    def clear(self):
+        self._write("trace", "")
+
+    def counts(self):
+        """{operation: completions} since clear(); fails if the ring buffer dropped any event."""
+        overruns = 0
+        for cpu in os.listdir(f"{self.dir}/per_cpu"):
+            with open(f"{self.dir}/per_cpu/{cpu}/stats") as f:
+                overruns += sum(int(l.split()[1]) for l in f if l.startswith("overrun"))
+        assert overruns == 0, f"tracefs dropped {overruns} events: the trace is not a complete count"
+        counts = {"read": 0, "write": 0, "discard": 0, "flush": 0, "other": 0, "empty_write": 0}
+        with open(f"{self.dir}/trace") as f:
+            for line in f:
+                if line.startswith("#") or "block_rq_complete:" not in line:
+                    continue
+                # "MAJ,MIN RWBS (cmd) SECTOR + NR_SECTORS ..."
+                fields = line.split("block_rq_complete:", 1)[1].split()
+                rwbs, nr = fields[1], int(fields[fields.index("+") + 1])
+                op = self.OPS.get(rwbs.lstrip("F")[:1], "flush" if rwbs.startswith("F") else "other")
+                if op == "write" and nr == 0:
+                    op = "empty_write"  # a flush sequence's end step or an empty preflush write
+                counts[op] += 1
+        return counts
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._write("events/block/block_rq_complete/enable", "0")
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
