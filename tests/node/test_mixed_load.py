@@ -40,13 +40,16 @@ def lost_total(samples):
     return sum(v for n, _, v in samples if n == "ebpf_bio_lost_events_total")
 
 
-def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, loop_factory, request):
+# The default mode, and classic tracepoints, whose programs the kernel runs through perf and
+# whose skipped runs it does count (program_recursion).
+@pytest.mark.parametrize("mode", ["tp_btf", "tracepoint"])
+def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, loop_factory, request, mode):
     require_tool("fio")
     require_tool("blkdiscard")
     loop = loop_factory(size_bytes=256 << 20)
     trace = CompletionTrace(loop.path)
     request.addfinalizer(trace.close)
-    agent = agent_factory("--device-include", f"^{loop.name}$")
+    agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
 
     s0 = quiesced_stat(loop.name)
     trace.clear()
@@ -76,7 +79,7 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
     stat_counts = {op: d[field] for op, field in OPS.items()}
     traced_counts = {op: traced[op] for op in OPS}
     lost = lost_total(m1) - lost_total(m0)
-    report = f"agent {agent_counts}, stat {stat_counts}, tracefs {traced_counts}, lost {lost}"
+    report = f"{mode}: agent {agent_counts}, stat {stat_counts}, tracefs {traced_counts}, lost {lost}"
 
     # The comparison itself is exact: every completion stat counted passed the tracepoint.
     assert traced_counts == stat_counts, report
