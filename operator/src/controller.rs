@@ -728,6 +728,7 @@ fn refused_status(bm: &BioMonitor, message: &str, now: &Time) -> BioMonitorStatu
     let observation = Observation {
         generation: bm.metadata.generation,
         invalid_spec: None,
+        apply_rejected: None,
         node_conflict: None,
         daemonset: not_rolled_out(),
         service_monitor: ServiceMonitorState::NotRolledOut {
