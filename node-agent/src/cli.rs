@@ -32,7 +32,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BIO_LISTEN", default_value = "0.0.0.0:9435")]
     pub listen: SocketAddr,
 
-    /// Value of the `node` label on every series [default: this host's name].
+    /// Value of the `node` label on every series [default: this host's name]. An empty value is
+    /// an error: it is what an unset NODE_NAME gives, and the host name is not the node name then.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
@@ -52,6 +53,22 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert-file.
     #[arg(long, env = "BIO_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+
+    /// Most client connections open at once (a Prometheus uses one or two). When all are taken,
+    /// a new connection replaces the oldest one that has not sent a whole request yet.
+    #[arg(long, env = "BIO_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Time a client has for the TLS handshake and for each request's headers; also how long an
+    /// idle keep-alive connection stays open.
+    #[arg(long, env = "BIO_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long responses in progress may take to finish; then the agent
+    /// closes what is left, detaches its BPF programs and exits.
+    #[arg(long, env = "BIO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 
     /// Who may read /metrics: `kubernetes` requires a bearer token that the API server
     /// authenticates (TokenReview) and authorizes for `get` on the non-resource URL /metrics
@@ -91,7 +108,7 @@ pub struct VolumeArgs {
     pub pv_labels: bool,
 
     /// The kubelet's root directory as the agent sees it, where pod volume mounts are found
-    /// (mount it read-only with HostToContainer propagation).
+    /// (mount it read-only with HostToContainer propagation). With --pv-labels it must exist.
     #[arg(long, env = "BIO_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: PathBuf,
 
@@ -203,5 +220,14 @@ mod tests {
         let cli = Cli::try_parse_from(["node-agent"]).unwrap();
         assert_eq!(cli.serve.listen.port(), 9435);
         assert_eq!(cli.serve.bpf.attach, AttachMode::Auto);
+        assert_eq!(cli.serve.max_connections, 64);
+        assert_eq!(cli.serve.header_timeout, Duration::from_secs(10));
+        assert_eq!(cli.serve.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn zero_connections_is_refused() {
+        let err = Cli::try_parse_from(["node-agent", "--max-connections=0"]).unwrap_err();
+        assert!(err.to_string().contains("--max-connections"), "{err}");
     }
 }

@@ -1,18 +1,29 @@
-//! The HTTP side: /metrics read from the kernel maps at scrape time, plus health endpoints.
+//! The HTTP side: /metrics read from the kernel maps at scrape time, plus health endpoints, and
+//! the one accept loop (plain or TLS) that bounds what a client can hold: connections, header
+//! bytes, header time and shutdown time.
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 
 use crate::metrics::wants_protobuf;
 use crate::scrape::Source;
+use crate::tls::ServerTls;
 
 #[derive(Clone, Default)]
 pub struct AppState {
@@ -115,5 +126,206 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             format!("scrape task failed: {e}\n"),
         )
             .into_response(),
+    }
+}
+
+/// Request line plus headers of one request. A Prometheus scrape sends < 2 KiB; a bearer token
+/// may be 16 KiB (auth::MAX_TOKEN_LEN). Longer heads get 431. hyper's default (~400 KiB) let
+/// 1,500 unfinished heads take 600 MB.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// What one client may hold; set from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once (handshaking, reading a request, or serving one).
+    pub max_connections: usize,
+    /// For the TLS handshake, and for each request's head from the moment the server waits for
+    /// it (so it also ends idle keep-alive connections).
+    pub header_timeout: Duration,
+    /// After the shutdown signal, how long responses in progress may take to finish.
+    pub shutdown_timeout: Duration,
+}
+
+/// One open connection's entry in [`Slots`].
+#[derive(Default)]
+struct Slot {
+    /// Wakes the connection's task to drop the connection.
+    evict: Notify,
+    /// Set once the client has sent a whole request head: it is a client, not a slow loris.
+    proven: AtomicBool,
+}
+
+/// The open connections, oldest first. When all slots are taken, a new connection takes the slot
+/// of the oldest one that has not yet sent a whole request: a scraper sends its head at once, so
+/// a flood of unfinished heads cannot lock it out (they only evict each other), while memory stays
+/// bounded by the cap. Only when every slot is serving real requests is a new connection refused.
+#[derive(Default)]
+struct Slots {
+    open: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+/// A claimed slot; freed when the connection's task ends.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+    slot: Arc<Slot>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Slot>>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn claim(self: &Arc<Self>, max: usize) -> Option<SlotGuard> {
+        let mut open = self.lock();
+        if open.len() >= max {
+            let victim = open
+                .iter()
+                .find(|(_, s)| !s.proven.load(Ordering::Acquire))
+                .map(|(id, _)| *id)?;
+            if let Some(evicted) = open.remove(&victim) {
+                // notify_one keeps the wake-up if the task is not waiting yet.
+                evicted.evict.notify_one();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot::default());
+        open.insert(id, slot.clone());
+        Some(SlotGuard {
+            slots: self.clone(),
+            id,
+            slot,
+        })
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.lock().remove(&self.id);
+    }
+}
+
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` completes, then
+/// stops accepting, lets responses in progress finish for at most `limits.shutdown_timeout`, and
+/// returns regardless: the caller detaches the BPF programs whatever the clients do.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<ServerTls>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Slots::default());
+    let (stop, stopped) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and the like: pause rather than spin; clients wait in the backlog.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(guard) = slots.claim(limits.max_connections) else {
+            tracing::debug!(%peer, max = limits.max_connections, "refused: every connection is serving a request");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, tls, stopped) = (app.clone(), tls.clone(), stopped.clone());
+        tokio::spawn(async move {
+            match tls {
+                None => connection(tcp, app, &guard.slot, limits, stopped).await,
+                Some(tls) => handshake(tcp, tls, app, &guard.slot, limits, stopped).await,
+            }
+            drop(guard);
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + limits.shutdown_timeout;
+    while slots.len() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = slots.len();
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            timeout = ?limits.shutdown_timeout,
+            "shutdown timeout passed; closing the connections still open"
+        );
+    }
+}
+
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    tls: ServerTls,
+    app: Router,
+    slot: &Slot,
+    limits: Limits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let accept = tokio::time::timeout(limits.header_timeout, tls.acceptor().accept(tcp));
+    let stream = tokio::select! {
+        r = accept => r,
+        _ = slot.evict.notified() => return,
+        _ = stopped.wait_for(|s| *s) => return,
+    };
+    match stream {
+        Ok(Ok(stream)) => connection(stream, app, slot, limits, stopped).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(timeout = ?limits.header_timeout, "TLS handshake timed out"),
+    }
+}
+
+async fn connection<I>(
+    io: I,
+    app: Router,
+    slot: &Slot,
+    limits: Limits,
+    mut stopped: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proven = &slot.proven;
+    let service = hyper::service::service_fn(|request| {
+        // hyper calls the service once a whole head has arrived.
+        proven.store(true, Ordering::Release);
+        app.clone().oneshot(request)
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let finished = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = slot.evict.notified() => return,
+        _ = stopped.wait_for(|s| *s) => None,
+    };
+    let result = match finished {
+        Some(r) => r,
+        None => {
+            // Closes a connection between requests now, and one mid-response after it.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = slot.evict.notified() => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }

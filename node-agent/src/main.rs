@@ -13,6 +13,7 @@ mod snapshot;
 mod tls;
 mod volumes;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,6 +25,9 @@ use devices::DeviceFilter;
 /// Exit codes: 1 for runtime failures, 2 for bad command-line input (like clap's own).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+
+/// What is left of the runtime after serve() returned gets this long.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -43,6 +47,9 @@ fn main() -> ExitCode {
         Some(Command::Histogram(args)) => runtime.block_on(histogram_view::run(args)),
         None => runtime.block_on(serve(cli.serve)),
     };
+    // Dropping the runtime would wait for every blocking task (a scrape stuck in a read): the
+    // shutdown deadline has passed and the programs are detached, so do not wait long.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,6 +95,10 @@ pub enum AgentError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthSetupError),
+    #[error(transparent)]
+    NodeName(#[from] NodeNameError),
+    #[error("--kubelet-root {}: {problem} (--pv-labels finds pod volumes there; pass the kubelet's root directory as mounted in this container)", path.display())]
+    KubeletRoot { path: PathBuf, problem: String },
     #[error("--pv-labels needs the Kubernetes API (in-cluster ServiceAccount or KUBECONFIG): {0}")]
     PvLabels(String),
     #[error("{0}")]
@@ -97,63 +108,82 @@ pub enum AgentError {
 impl AgentError {
     fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Usage(_) => EXIT_USAGE,
+            AgentError::Usage(_) | AgentError::NodeName(_) | AgentError::KubeletRoot { .. } => {
+                EXIT_USAGE
+            }
             _ => EXIT_FAILURE,
         }
     }
 }
 
-fn node_name(flag: Option<String>) -> String {
-    flag.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
+#[derive(Debug, thiserror::Error)]
+pub enum NodeNameError {
+    #[error("--node-name is empty (NODE_NAME unset or empty?): pass the node's name, e.g. from the downward API's spec.nodeName, or leave the flag out to use this host's name")]
+    Empty,
+    #[error("--node-name {0:?} holds an unexpanded $(VAR) reference: the pod spec must define that variable (the operator's DaemonSet sets NODE_NAME from spec.nodeName)")]
+    Unexpanded(String),
+}
+
+/// The `node` label. Falling back to the host name on an empty flag would be silent and wrong
+/// in a pod (its host name is the pod's name unless hostNetwork), so only a missing flag does.
+fn node_name(flag: Option<String>) -> Result<String, NodeNameError> {
+    match flag {
+        Some(n) if n.trim().is_empty() => Err(NodeNameError::Empty),
+        Some(n) if n.contains("$(") => Err(NodeNameError::Unexpanded(n)),
+        Some(n) => Ok(n),
+        None => Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into())
+            .unwrap_or_else(|_| "unknown".into())),
+    }
+}
+
+/// With --pv-labels, the kubelet root must be a directory now: the DaemonSet mounts it as a
+/// hostPath of type Directory, which the kubelet already created, so a missing one is a wrong
+/// path (k0s and MicroK8s use others) that would otherwise just leave every PV label empty.
+fn check_kubelet_root(args: &cli::VolumeArgs) -> Result<(), AgentError> {
+    if !args.pv_labels {
+        return Ok(());
+    }
+    let problem = match std::fs::metadata(&args.kubelet_root) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => "not a directory".to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(AgentError::KubeletRoot {
+        path: args.kubelet_root.clone(),
+        problem,
     })
 }
 
 async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let filter = DeviceFilter::new(&args.devices.include, &args.devices.exclude)?;
-    let node = node_name(args.node_name);
+    let node = node_name(args.node_name)?;
+    check_kubelet_root(&args.volumes)?;
+    let tls_files = match (args.tls_cert_file, args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let tls = tls_files.as_ref().map(tls::load).transpose()?;
     let listener = http::bind(args.listen).await?;
     let state = http::AppState::default();
     let auth_on = args.auth == auth::AuthMode::Kubernetes;
     let auth = auth::setup(args.auth).await?;
     let app = http::router(state.clone(), auth);
-    let tls_files = match (args.tls_cert_file, args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(tls::TlsFiles { cert, key }),
-        _ => None,
-    };
-    let scheme = if tls_files.is_some() { "https" } else { "http" };
-    if auth_on && tls_files.is_none() {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if auth_on && tls.is_none() {
         tracing::warn!("--auth=kubernetes without TLS: bearer tokens travel in clear");
     }
-    let server = match tls_files {
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-        }),
-        Some(files) => {
-            let config = tls::load(&files).await?;
-            tokio::spawn(tls::reload_on_change(config.clone(), files));
-            let handle = axum_server::Handle::new();
-            let on_signal = handle.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                on_signal.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
-            });
-            let std_listener = listener
-                .into_std()
-                .map_err(|e| AgentError::Other(e.to_string()))?;
-            tokio::spawn(async move {
-                axum_server::from_tcp_rustls(std_listener, config)
-                    .handle(handle)
-                    .serve(app.into_make_service())
-                    .await
-            })
-        }
+    if let (Some(tls), Some(files)) = (&tls, tls_files) {
+        tokio::spawn(tls::reload_on_change(tls.clone(), files));
+    }
+    let limits = http::Limits {
+        max_connections: args.max_connections as usize,
+        header_timeout: args.header_timeout,
+        shutdown_timeout: args.shutdown_timeout,
     };
-    tracing::info!(listen = %args.listen, %scheme, node = %node, "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(http::serve(listener, app, tls, limits, shutdown_signal()));
+    tracing::info!(listen = %args.listen, %scheme, node = %node, max_connections = limits.max_connections,
+        header_timeout = ?limits.header_timeout, "serving /metrics, /healthz, /readyz");
 
     let volumes = match args.volumes.pv_labels {
         true => Some(start_volume_labels(&args.volumes).await?),
@@ -180,15 +210,12 @@ async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     ));
     tracing::info!(mode = %attached.mode, "BPF programs attached; ready");
 
+    // Returns within --shutdown-timeout of the signal, whatever the clients do.
     let served = server.await;
     // Detach before reporting: the programs must be gone once the process says it stopped.
     attached.detach();
     tracing::info!("BPF programs detached; exiting");
-    match served {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(AgentError::Other(format!("HTTP server failed: {e}"))),
-        Err(e) => Err(AgentError::Other(format!("HTTP server task failed: {e}"))),
-    }
+    served.map_err(|e| AgentError::Other(format!("HTTP server task failed: {e}")))
 }
 
 /// How long the first scrape may wait for the PV list; beyond it /metrics serves without claims
