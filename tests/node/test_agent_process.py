@@ -121,3 +121,57 @@ def test_histogram_view_from_a_running_agent_and_from_the_kernel(agent_factory, 
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"device = {loop.name}, operation = write, ios = 7" in out, out
+
+
+def run_bounded(*args, timeout=20):
+    """Runs the agent with a 2 GiB address-space cap, so a runaway read fails here instead of
+    taking the machine; returns (exit code, stderr, peak RSS in KiB)."""
+    import resource
+    import threading
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    proc = subprocess.Popen([AGENT_BIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cap)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, usage.ru_maxrss
+
+
+@pytest.mark.parametrize("what", ["device", "large_file"])
+def test_a_tls_file_that_is_no_pem_file_fails_promptly_naming_the_flag(tmp_path, what):
+    """--tls-cert-file /dev/zero grew the agent to 10 GB; a wrong file must be an error, at once."""
+    if what == "device":
+        cert = "/dev/zero"
+    else:
+        cert = str(tmp_path / "big.pem")
+        with open(cert, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\n" + b"A" * (2 << 20))
+    rc, err, peak_kib = run_bounded("--listen", "127.0.0.1:0", "--tls-cert-file", cert, "--tls-key-file", cert)
+    assert rc == 1, (rc, err)
+    assert f"--tls-cert-file {cert}" in err, err
+    assert ("not a regular file" if what == "device" else "larger than 1024 KiB") in err, err
+    assert peak_kib < 64 * 1024, f"peak RSS {peak_kib} KiB while refusing {cert}"
+
+
+@pytest.mark.parametrize("value", ["", "$(NODE_NAME)"])
+def test_an_empty_or_unexpanded_node_name_is_an_error(value):
+    """The operator passes --node-name=$(NODE_NAME) from spec.nodeName; a pod's host name is not
+    the node's, so falling back to it would label every series wrongly."""
+    r = run_agent("--node-name", value, "--listen", "127.0.0.1:0", timeout=15)
+    assert r.returncode == 2, r.stderr
+    assert "--node-name" in r.stderr and ("empty" if not value else "unexpanded") in r.stderr, r.stderr
+
+
+def test_a_missing_kubelet_root_with_pv_labels_is_an_error(tmp_path):
+    missing = tmp_path / "no-kubelet"
+    r = run_agent("--pv-labels", "--kubelet-root", str(missing), "--listen", "127.0.0.1:0", timeout=15)
+    assert r.returncode == 2, r.stderr
+    assert f"--kubelet-root {missing}" in r.stderr, r.stderr
