@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import Agent, wait_for
+from conftest import Agent, direct_io, wait_for
 from test_agent_process import attached_program_ids
 
 # A head that never ends: no blank line ever follows.
@@ -50,13 +50,24 @@ def status_kib(pid, field):
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def agent_sockets(pid):
-    n = 0
+def client_connections(agent):
+    """Client connections the agent holds open (its sockets on its port, bar the listener)."""
+    pid = agent.proc.pid
+    inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                n += 1
-    return n
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    held = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if port == agent.port and fields[3] != "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    held += 1
+    return held
 
 
 @pytest.fixture
@@ -100,12 +111,11 @@ def test_a_scrape_gets_through_while_unfinished_heads_fill_every_slot(agent_fact
     scraper, which sends its head at once, is still served (it takes a slow head's slot)."""
     cap = 16
     agent = agent_factory("--device-include", "^$", "--max-connections", str(cap), "--header-timeout", "60s")
-    baseline = agent_sockets(agent.proc.pid)
     clients = [connect(agent) for _ in range(4 * cap)]
     try:
         # Every client is accepted or evicted quickly; wait until the agent has seen them all.
         time.sleep(1.0)
-        held = agent_sockets(agent.proc.pid) - baseline
+        held = client_connections(agent)
         assert held <= cap, f"agent holds {held} client sockets, --max-connections is {cap}"
         status, body, _ = agent.get("/metrics")
         assert status == 200 and "ebpf_bio" in body, (status, body[:200])
@@ -185,12 +195,22 @@ def test_a_flood_of_large_unfinished_heads_keeps_memory_bounded(agent_factory, m
             s.close()
 
 
+def program_ids_of(pid):
+    """The BPF programs this process holds (its program and link fds), so that agents other
+    test runs start meanwhile do not count."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+    return ids
+
+
 def test_sigterm_with_clients_holding_partial_heads_exits_and_detaches(loop):
-    before = attached_program_ids()
     agent = Agent(["--device-include", f"^{loop.name}$", "--header-timeout", "60s", "--shutdown-timeout", "2s"])
     clients = [connect(agent) for _ in range(50)]
     try:
-        ours = attached_program_ids() - before
+        ours = program_ids_of(agent.proc.pid) & attached_program_ids()
         assert ours, "the agent's programs should be listed while it runs"
         agent.proc.send_signal(signal.SIGTERM)
         # Generous against a loaded machine; without the deadline the old agent never exited.
@@ -206,3 +226,26 @@ def test_sigterm_with_clients_holding_partial_heads_exits_and_detaches(loop):
     finally:
         for s in clients:
             s.close()
+
+
+def test_a_client_that_never_reads_its_responses_is_cut(agent_factory, loop):
+    """Pipelined requests whose responses are never read fill the socket buffers; the connection
+    has sent whole requests (so it is never evicted) and must still end once its writes stall."""
+    agent = agent_factory("--device-include", f"^{loop.name}$", "--header-timeout", "2s")
+    # Series in many buckets make each response ~12 KB, so the buffers fill after a few hundred.
+    for bs in (4096, 65536, 1 << 20):
+        direct_io(loop.path, "read", bs, 5)
+        direct_io(loop.path, "write", bs, 5)
+    s = socket.socket()
+    # A small receive window, so the agent's writes stall after little data.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", agent.port))
+    s.settimeout(1)
+    try:
+        with contextlib.suppress(OSError):  # the send side fills up too once the agent stops reading
+            for _ in range(2000):
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+        wait_for(lambda: client_connections(agent) == 0, timeout=40,
+                 what="the agent to drop a connection whose responses are never read (--header-timeout 2s)")
+    finally:
+        s.close()
