@@ -420,3 +420,28 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStall<I> {
         self.watch(cx, poll)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_unproven_connection_and_refuses_when_all_are_proven() {
+        let slots = Arc::new(Slots::default());
+        let first = slots.claim(2).unwrap();
+        let second = slots.claim(2).unwrap();
+        first.slot.proven.store(true, Ordering::Release);
+        // `second` is the oldest that has not sent a request: it goes, `first` stays.
+        let third = slots.claim(2).unwrap();
+        assert_eq!(slots.len(), 2);
+        let open: Vec<u64> = slots.lock().keys().copied().collect();
+        assert_eq!(open, vec![first.id, third.id]);
+        // The evicted task is woken even though it was not waiting yet.
+        assert!(futures::FutureExt::now_or_never(second.slot.evict.notified()).is_some());
+        third.slot.proven.store(true, Ordering::Release);
+        assert!(slots.claim(2).is_none());
+        drop(first);
+        assert_eq!(slots.len(), 1);
+        assert!(slots.claim(2).is_some());
+    }
+}

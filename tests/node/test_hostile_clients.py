@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import Agent, direct_io, wait_for
+from conftest import Agent, direct_io, require_tool, wait_for
 from test_agent_process import attached_program_ids
 
 # A head that never ends: no blank line ever follows.
@@ -249,3 +249,33 @@ def test_a_client_that_never_reads_its_responses_is_cut(agent_factory, loop):
                  what="the agent to drop a connection whose responses are never read (--header-timeout 2s)")
     finally:
         s.close()
+
+
+def test_tls_handshakes_that_never_finish_are_cut_and_a_tls_scrape_gets_through(agent_factory, tmp_path):
+    """Over TLS the slow part can be the handshake itself; it has the same timeout and slots."""
+    import ssl
+    from test_tls import SERVER_NAME, make_ca, make_cert
+    require_tool("openssl")
+    make_ca(tmp_path)
+    cert, key = make_cert(tmp_path, "agent")
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    agent = agent_factory("--device-include", "^$", "--tls-cert-file", cert, "--tls-key-file", key,
+                          "--max-connections", "8", "--header-timeout", "2s", ssl_context=ctx)
+    # The start of a TLS record, then nothing: a ClientHello that never completes.
+    clients = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
+        s.sendall(b"\x16\x03\x01\x02\x00")
+        clients.append(s)
+    try:
+        time.sleep(0.5)
+        assert client_connections(agent) <= 8
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+                assert tls.recv(4096).startswith(b"HTTP/1.1 200"), "TLS scrape failed while handshakes hang"
+        wait_for(lambda: all(closed_by_peer(s) for s in clients), timeout=15,
+                 what="unfinished TLS handshakes to be cut (--header-timeout 2s)")
+    finally:
+        for s in clients:
+            s.close()
