@@ -444,4 +444,37 @@ mod tests {
         assert_eq!(slots.len(), 1);
         assert!(slots.claim(2).is_some());
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_makes_no_progress_fails_after_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        let (pipe, _reader_that_never_reads) = tokio::io::duplex(64);
+        let mut io = WriteStall::new(pipe, Duration::from_secs(2));
+        io.write_all(&[0; 64]).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(60), io.write_all(&[0; 1]))
+            .await
+            .expect("a write stalled for 60 s was never cut")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_reader_is_not_cut() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (pipe, mut reader) = tokio::io::duplex(64);
+        let mut io = WriteStall::new(pipe, Duration::from_secs(2));
+        let read = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0; 64];
+            while got.len() < 640 {
+                // Each wait is shorter than the limit; together they are far longer.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = reader.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got.len()
+        });
+        io.write_all(&[1; 640]).await.unwrap();
+        assert_eq!(read.await.unwrap(), 640);
+    }
 }
