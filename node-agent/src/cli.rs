@@ -61,7 +61,7 @@ pub struct ServeArgs {
     pub max_connections: u32,
 
     /// Time a client has for the TLS handshake and for each request's headers; also how long an
-    /// idle keep-alive connection stays open.
+    /// idle keep-alive connection stays open, and how long a response write may make no progress.
     #[arg(long, env = "BIO_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 

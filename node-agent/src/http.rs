@@ -133,8 +133,10 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
 }
 
 /// Request line plus headers of one request. A Prometheus scrape sends < 2 KiB; a bearer token
-/// may be 16 KiB (auth::MAX_TOKEN_LEN). Longer heads get 431. hyper's default (~400 KiB) let
-/// 1,500 unfinished heads take 600 MB.
+/// may be 16 KiB (auth::MAX_TOKEN_LEN). hyper answers 431 when a head is still incomplete past
+/// this; it checks between reads, so one read can take the buffer up to twice this (a head
+/// arriving whole may be a little longer). hyper's default (~400 KiB) let 1,500 unfinished
+/// heads take 600 MB.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 /// What one client may hold; set from the command line.
