@@ -29,8 +29,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* In-flight tables: sized for deep queues on many disks; overflow is counted, never silent. */
 #define MAX_INFLIGHT 65536
 #define MAX_PARTIALS 4096
-/* Device/operation pairs: 512 disks x 8 operations before LOST_HIST_MAP_FULL. */
-#define MAX_HIST_KEYS 4096
+/* Device/operation pairs: 2048 disks x 8 operations before LOST_HIST_MAP_FULL (storage nodes
+ * have hundreds of disks; entries are allocated on use, BPF_F_NO_PREALLOC, so room costs nothing). */
+#define MAX_HIST_KEYS 16384
 /* Sentinel for queue_flag_stats_bit: the agent could not resolve QUEUE_FLAG_STATS from BTF. */
 #define QUEUE_FLAG_UNKNOWN 0xffffffffU
 /* Sentinel for rqf_io_stat_bit: no __RQF_IO_STAT in the kernel's BTF. */
