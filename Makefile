@@ -65,8 +65,10 @@ test-real-node: build images tracefs
 
 test: lint test-unit test-node test-prometheus test-cluster test-real-node
 
+# BENCH_SCALES=64 picks the device counts of the /metrics rows; BENCH_ARGS=--only-scrape skips
+# the per-IO rows (scripts/bench.py --help).
 bench: build-release tracefs
-	scripts/bench.sh
+	scripts/bench.sh $(BENCH_ARGS)
 
 # PersistentVolume labels with 64 devices and 500 PVs in a real local API server (~15 min).
 bench-pv-labels: build-release

@@ -4,7 +4,9 @@ Each figure is the median of alternating runs, so drift on a shared VM hits ever
 - BPF time per IO for each attach mode: kernel.bpf_stats_enabled run_time_ns of the started
   agent's own programs / IOs completed (and the share of the bio programs);
 - fio 4k random-read IOPS on a /dev/shm-backed loop device without and with the agent;
-- /metrics latency (p50/p99) and agent RSS with 64 loop devices that all did IO.
+- /metrics latency (p50/p99/max), bytes on the wire (text, gzip, protobuf), agent CPU per scrape
+  and RSS with 64, 256 and 1024 loop devices that all did IO (--scales or BENCH_SCALES picks the
+  counts; --only-scrape skips the per-IO rows).
 
 With BIO_AGENT_BIN_BASELINE set to another build, the BPF time per IO is measured for both,
 alternating in every round, so a change to the programs is compared side by side.
@@ -12,7 +14,9 @@ alternating in every round, so a change to the programs is compared side by side
 import argparse
 import contextlib
 import json
+import mmap
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -113,32 +117,53 @@ def bpf_ns_per_io(dev, mode, seconds, binary=None):
     return sum(spent.values()) / ios, bio / ios
 
 
-def scrape_cost(n_devices, scrapes):
+SCRAPE_ACCEPT = {
+    "text": {},
+    "gzip": {"Accept-Encoding": "gzip"},
+    "protobuf": {"Accept": "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+                 "encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3"},
+}
+
+
+def agent_cpu_s(pid):
+    """User + system CPU seconds the agent has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def did_io(dev):
+    """One 16 KiB direct read and write, so the device has read and write series. In-process
+    (an aligned mmap buffer for O_DIRECT) instead of two dd runs: 1024 devices would cost 2048
+    processes."""
+    buf = mmap.mmap(-1, 16 << 10)
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], 0)
+        os.pwritev(fd, [buf], 0)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+@contextlib.contextmanager
+def loop_devices(n):
+    """n loop devices on sparse /dev/shm files, made by this run only (losetup --find asks
+    /dev/loop-control for a free or new one), and only those detached again."""
     files, devs = [], []
     try:
-        for _ in range(n_devices):
+        for _ in range(n):
             fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="bio-bench-")
             os.close(fd)
-            os.truncate(path, 4 << 20)
+            os.truncate(path, 1 << 20)
             files.append(path)
             devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).strip())
-        with agent("--device-include", "^loop[0-9]+$") as (proc, url):
-            for d in devs:
-                sh("dd", f"if={d}", "of=/dev/null", "bs=4k", "count=4", "iflag=direct", "status=none")
-                sh("dd", "if=/dev/zero", f"of={d}", "bs=4k", "count=4", "oflag=direct", "status=none")
-            sh("blkdiscard", devs[0])
-            times, size = [], 0
-            for _ in range(scrapes):
-                t0 = time.perf_counter()
-                body = urllib.request.urlopen(url + "/metrics", timeout=5).read()
-                times.append((time.perf_counter() - t0) * 1000)
-                size = len(body)
-            series = body.decode().count("ebpf_bio_req_latency_count{")
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss_kib = int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
-        times.sort()
-        return {"series": series, "bytes": size, "p50_ms": statistics.median(times),
-                "p99_ms": times[int(len(times) * 0.99) - 1], "rss_mib": rss_kib / 1024}
+        yield devs
     finally:
         for d in devs:
             subprocess.run(["losetup", "-d", d])
@@ -146,18 +171,92 @@ def scrape_cost(n_devices, scrapes):
             os.unlink(f)
 
 
+def scrape_cost(n_devices, scrapes):
+    """/metrics latency, size and agent CPU per scrape for each format, with n_devices loop devices
+    that all did IO; formats alternate scrape by scrape so load drift hits them alike."""
+    with loop_devices(n_devices) as devs, \
+            agent("--device-include", "^loop[0-9]+$") as (proc, url):
+        for d in devs:
+            did_io(d)
+        sh("blkdiscard", devs[0])
+        for _ in range(3):  # warm up: first-scrape attach decisions, allocator
+            urllib.request.urlopen(url + "/metrics", timeout=30).read()
+        times = {f: [] for f in SCRAPE_ACCEPT}
+        size = {}
+        cpu = {f: 0.0 for f in SCRAPE_ACCEPT}
+        for _ in range(scrapes):
+            for fmt, headers in SCRAPE_ACCEPT.items():
+                req = urllib.request.Request(url + "/metrics", headers=headers)
+                c0 = agent_cpu_s(proc.pid)
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    body = resp.read()  # urllib does not decompress: this is the wire size
+                times[fmt].append((time.perf_counter() - t0) * 1000)
+                cpu[fmt] += agent_cpu_s(proc.pid) - c0
+                size[fmt] = len(body)
+                if fmt == "text":
+                    text = body.decode()
+        series = text.count("ebpf_bio_req_latency_count{")
+        full = next((l.rsplit(" ", 1)[1] for l in text.splitlines()
+                     if l.startswith('ebpf_bio_lost_events_total{reason="hist_map_full"')), "?")
+        rss = agent_rss_mib(proc.pid)
+    out = {"devices": n_devices, "series": series, "hist_map_full": full, "rss_mib": rss}
+    for fmt, t in times.items():
+        t.sort()
+        out[fmt] = {"bytes": size[fmt], "p50_ms": statistics.median(t),
+                    "p99_ms": t[max(0, int(len(t) * 0.99) - 1)], "max_ms": t[-1],
+                    "cpu_ms": cpu[fmt] / len(t) * 1000}
+    return out
+
+
+def print_scrape_cost(results, scrapes):
+    print(f"\n## /metrics with N loop devices that all did IO ({scrapes} scrapes per format, "
+          "formats alternating)")
+    print("| devices | series (latency) | format | bytes | p50 ms | p99 ms | max ms "
+          "| agent CPU ms/scrape | agent RSS MiB | lost hist_map_full |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for fmt in SCRAPE_ACCEPT:
+            f = r[fmt]
+            print(f"| {r['devices']} | {r['series']} | {fmt} | {f['bytes']} | {f['p50_ms']:.2f} "
+                  f"| {f['p99_ms']:.2f} | {f['max_ms']:.2f} | {f['cpu_ms']:.2f} "
+                  f"| {r['rss_mib']:.1f} | {r['hist_map_full']} |")
+
+
+def load_average():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--modes", default="tp_btf,raw_tp,tracepoint")
+    ap.add_argument("--scales", default=os.environ.get("BENCH_SCALES", "64,256,1024"),
+                    help="device counts for the /metrics rows (env BENCH_SCALES), e.g. 64")
+    ap.add_argument("--scrapes", type=int, default=200, help="scrapes per format and scale")
+    ap.add_argument("--only-scrape", action="store_true",
+                    help="skip the BPF-per-IO and IOPS rows")
     args = ap.parse_args()
+    # A terminated bench still detaches its loop devices (the finally blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    scales = [int(n) for n in args.scales.split(",") if n]
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it loads BPF and makes loop devices)")
     if not os.path.isdir("/sys/kernel/tracing/events/block"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"])
     modes = args.modes.split(",")
-    print(f"# node-agent benchmark: {os.uname().release}, {os.cpu_count()} CPUs, rounds={args.rounds}")
+    print(f"# node-agent benchmark: {os.uname().release}, {os.cpu_count()} CPUs, rounds={args.rounds}, "
+          f"{AGENT}, load average {load_average()} at start")
+    if not args.only_scrape:
+        per_io_and_iops(args, modes)
+    results = [scrape_cost(n, args.scrapes) for n in scales]
+    print_scrape_cost(results, args.scrapes)
+    print(f"\n# load average {load_average()} at the end")
+
+
+def per_io_and_iops(args, modes):
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         stats_was = f.read().strip()
     with loop_device() as dev:
@@ -191,11 +290,6 @@ def main():
     print("| without agent | with agent (auto) | ratio |")
     print("|---|---|---|")
     print(f"| {wo:.0f} | {w:.0f} | {w / wo:.3f} |")
-    s = scrape_cost(64, 200)
-    print("\n## /metrics with 64 loop devices that all did IO (200 scrapes)")
-    print("| series (latency) | bytes | p50 ms | p99 ms | agent RSS MiB |")
-    print("|---|---|---|---|---|")
-    print(f"| {s['series']} | {s['bytes']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['rss_mib']:.1f} |")
 
 
 if __name__ == "__main__":
