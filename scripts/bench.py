@@ -173,53 +173,62 @@ def loop_devices(n):
 
 def scrape_cost(n_devices, scrapes):
     """/metrics latency, size and agent CPU per scrape for each format, with n_devices loop devices
-    that all did IO; formats alternate scrape by scrape so load drift hits them alike."""
-    with loop_devices(n_devices) as devs, \
-            agent("--device-include", "^loop[0-9]+$") as (proc, url):
+    that all did IO. Formats (and, with BIO_AGENT_BIN_BASELINE, the two builds, both running at
+    once on the same devices) alternate scrape by scrape, so load drift hits them alike."""
+    builds = [("this", AGENT)] + ([("baseline", BASELINE)] if BASELINE else [])
+    with contextlib.ExitStack() as stack:
+        devs = stack.enter_context(loop_devices(n_devices))
+        agents = [(build, *stack.enter_context(agent("--device-include", "^loop[0-9]+$",
+                                                     binary=binary)))
+                  for build, binary in builds]
         for d in devs:
             did_io(d)
         sh("blkdiscard", devs[0])
-        for _ in range(3):  # warm up: first-scrape attach decisions, allocator
-            urllib.request.urlopen(url + "/metrics", timeout=30).read()
-        times = {f: [] for f in SCRAPE_ACCEPT}
+        for _, _, url in agents:
+            for _ in range(3):  # warm up: first-scrape attach decisions, allocator
+                urllib.request.urlopen(url + "/metrics", timeout=60).read()
+        keys = [(build, fmt) for build, _, _ in agents for fmt in SCRAPE_ACCEPT]
+        times = {k: [] for k in keys}
         size = {}
-        cpu = {f: 0.0 for f in SCRAPE_ACCEPT}
+        cpu = {k: 0.0 for k in keys}
+        text = {}
         for _ in range(scrapes):
             for fmt, headers in SCRAPE_ACCEPT.items():
-                req = urllib.request.Request(url + "/metrics", headers=headers)
-                c0 = agent_cpu_s(proc.pid)
-                t0 = time.perf_counter()
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    body = resp.read()  # urllib does not decompress: this is the wire size
-                times[fmt].append((time.perf_counter() - t0) * 1000)
-                cpu[fmt] += agent_cpu_s(proc.pid) - c0
-                size[fmt] = len(body)
-                if fmt == "text":
-                    text = body.decode()
-        series = text.count("ebpf_bio_req_latency_count{")
-        full = next((l.rsplit(" ", 1)[1] for l in text.splitlines()
+                for build, proc, url in agents:
+                    req = urllib.request.Request(url + "/metrics", headers=headers)
+                    c0 = agent_cpu_s(proc.pid)
+                    t0 = time.perf_counter()
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        body = resp.read()  # urllib does not decompress: this is the wire size
+                    times[(build, fmt)].append((time.perf_counter() - t0) * 1000)
+                    cpu[(build, fmt)] += agent_cpu_s(proc.pid) - c0
+                    size[(build, fmt)] = len(body)
+                    if fmt == "text":
+                        text[build] = body.decode()
+        rss = {build: agent_rss_mib(proc.pid) for build, proc, _ in agents}
+    rows = []
+    for build, fmt in keys:
+        t = sorted(times[(build, fmt)])
+        full = next((l.rsplit(" ", 1)[1] for l in text[build].splitlines()
                      if l.startswith('ebpf_bio_lost_events_total{reason="hist_map_full"')), "?")
-        rss = agent_rss_mib(proc.pid)
-    out = {"devices": n_devices, "series": series, "hist_map_full": full, "rss_mib": rss}
-    for fmt, t in times.items():
-        t.sort()
-        out[fmt] = {"bytes": size[fmt], "p50_ms": statistics.median(t),
-                    "p99_ms": t[max(0, int(len(t) * 0.99) - 1)], "max_ms": t[-1],
-                    "cpu_ms": cpu[fmt] / len(t) * 1000}
-    return out
+        rows.append({"devices": n_devices, "build": build, "format": fmt,
+                     "series": text[build].count("ebpf_bio_req_latency_count{"),
+                     "hist_map_full": full, "rss_mib": rss[build], "bytes": size[(build, fmt)],
+                     "p50_ms": statistics.median(t), "p99_ms": t[max(0, int(len(t) * 0.99) - 1)],
+                     "max_ms": t[-1], "cpu_ms": cpu[(build, fmt)] / len(t) * 1000})
+    return rows
 
 
 def print_scrape_cost(results, scrapes):
     print(f"\n## /metrics with N loop devices that all did IO ({scrapes} scrapes per format, "
-          "formats alternating)")
-    print("| devices | series (latency) | format | bytes | p50 ms | p99 ms | max ms "
+          "formats alternating; CPU from /proc/PID/stat, RSS after the last scrape)")
+    print("| devices | build | series (latency) | format | bytes | p50 ms | p99 ms | max ms "
           "| agent CPU ms/scrape | agent RSS MiB | lost hist_map_full |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        for fmt in SCRAPE_ACCEPT:
-            f = r[fmt]
-            print(f"| {r['devices']} | {r['series']} | {fmt} | {f['bytes']} | {f['p50_ms']:.2f} "
-                  f"| {f['p99_ms']:.2f} | {f['max_ms']:.2f} | {f['cpu_ms']:.2f} "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rows in results:
+        for r in rows:
+            print(f"| {r['devices']} | {r['build']} | {r['series']} | {r['format']} | {r['bytes']} "
+                  f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['cpu_ms']:.2f} "
                   f"| {r['rss_mib']:.1f} | {r['hist_map_full']} |")
 
 

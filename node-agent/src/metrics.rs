@@ -19,6 +19,45 @@ pub const LATENCY_NAME: &str = "ebpf_bio_req_latency";
 pub const LATENCY_HELP: &str = "A histogram of bio request latencies in microseconds.";
 pub const SIZE_NAME: &str = "ebpf_bio_req_size";
 pub const SIZE_HELP: &str = "A histogram of bio request sizes in KiB.";
+const ERRORS_NAME: &str = "ebpf_bio_req_errors";
+const ERRORS_HELP: &str = "Block IO requests that completed with an error, also counted in ebpf_bio_req_latency and ebpf_bio_req_size.";
+
+/// The seed's `le` strings (Go's %g of 2^k, as client_golang and prometheus-client write them),
+/// slot k's bound; +Inf follows. Written as constants so the text path formats no float per line.
+const LE: [&str; LATENCY_MAX_LOG2 + 1] = [
+    "1",
+    "2",
+    "4",
+    "8",
+    "16",
+    "32",
+    "64",
+    "128",
+    "256",
+    "512",
+    "1024",
+    "2048",
+    "4096",
+    "8192",
+    "16384",
+    "32768",
+    "65536",
+    "131072",
+    "262144",
+    "524288",
+    "1.048576e+06",
+    "2.097152e+06",
+    "4.194304e+06",
+    "8.388608e+06",
+    "1.6777216e+07",
+    "3.3554432e+07",
+    "6.7108864e+07",
+    "1.34217728e+08",
+    "2.68435456e+08",
+    "5.36870912e+08",
+    "1.073741824e+09",
+    "2.147483648e+09",
+];
 
 /// The seed's largest finite `le`: 2^31 µs for latency, 2^15 KiB for size. Slots above fold
 /// into +Inf in the classic buckets (never into the last finite bucket).
@@ -204,6 +243,8 @@ struct BioCollector {
     lost: [u64; LOST_REASONS.len()],
     inflight: [u64; INFLIGHT_TABLES.len()],
     labels: Labels,
+    /// The text path wrote the per-pair families already (see write_pair_families).
+    pairs_written: bool,
 }
 
 impl BioCollector {
@@ -230,7 +271,12 @@ impl Collector for BioCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // The seed's families print even before any IO, like ebpf_exporter's, but series appear
         // only for pairs that did IO since load.
-        for kind in [HistKind::Latency, HistKind::Size] {
+        let pair_kinds: &[HistKind] = if self.pairs_written {
+            &[]
+        } else {
+            &[HistKind::Latency, HistKind::Size]
+        };
+        for &kind in pair_kinds {
             let (name, help, max_log2, unit) = kind.describe();
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for h in &self.hists {
@@ -246,13 +292,9 @@ impl Collector for BioCollector {
                     )?;
             }
         }
-        {
-            let mut family = encoder.encode_descriptor(
-                "ebpf_bio_req_errors",
-                "Block IO requests that completed with an error, also counted in ebpf_bio_req_latency and ebpf_bio_req_size.",
-                None,
-                MetricType::Counter,
-            )?;
+        if !self.pairs_written {
+            let mut family =
+                encoder.encode_descriptor(ERRORS_NAME, ERRORS_HELP, None, MetricType::Counter)?;
             for h in &self.hists {
                 let labels = self.series_labels(h);
                 family
@@ -335,8 +377,9 @@ pub struct Scrape {
     pub devices: Vec<DeviceVolumes>,
 }
 
-/// One scrape's families, for either encoder.
-fn registry(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> Registry {
+/// One scrape's families, for either encoder; without the per-pair families when the text path
+/// wrote them.
+fn registry(scrape: Scrape, snapshot: &Snapshot, labels: &Labels, pairs_written: bool) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(BioCollector {
         hists: scrape.hists,
@@ -344,19 +387,138 @@ fn registry(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> Registry {
         lost: snapshot.lost,
         inflight: snapshot.inflight,
         labels: labels.clone(),
+        pairs_written,
     }));
     registry
 }
 
 /// Renders the Prometheus text format 0.0.4.
+///
+/// The per-pair families (latency, size, errors: ~50 lines per pair, nearly all of the bytes)
+/// are written here directly, each pair's label set rendered once and reused on its ~100 lines;
+/// prometheus-client re-encodes the labels on every line and formats every `le` as a float,
+/// which at 1024 devices was most of a scrape. The rest goes through prometheus-client. The
+/// bytes are the same as prometheus-client's for the whole exposition (tested against it).
 pub fn render_text(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> String {
-    let mut out = String::new();
+    // ~4.7 KiB of text per pair without PV labels: one allocation instead of ~20 doublings.
+    let mut out = String::with_capacity(4096 + scrape.hists.len() * 4864);
+    write_pair_families(&mut out, &scrape.hists, labels);
     prometheus_client::encoding::prometheus_text::encode(
         &mut out,
-        &registry(scrape, snapshot, labels),
+        &registry(scrape, snapshot, labels, true),
     )
     .expect("writing to a String cannot fail");
     out
+}
+
+/// A label value as prometheus-client escapes it.
+fn push_label_value(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `{device="…",operation="…",node="…"[,PV labels]`, without the closing brace (a bucket line
+/// appends `,le="…"`): the same labels, in the same order, as BioCollector::series_labels.
+fn pair_label_text(h: &NamedHist, labels: &Labels) -> String {
+    let mut out = String::with_capacity(64);
+    let pv_labels = h.volume.iter().flat_map(|pv| {
+        pv.labels()
+            .filter(|(k, _)| [LABEL_PV, LABEL_PVC, LABEL_NAMESPACE].contains(k))
+    });
+    let fixed = [
+        ("device", h.device.as_str()),
+        ("operation", h.operation.as_str()),
+        ("node", labels.node.as_str()),
+    ];
+    for (i, (k, v)) in fixed.into_iter().chain(pv_labels).enumerate() {
+        out.push_str(if i == 0 { "{" } else { "," });
+        out.push_str(k);
+        out.push_str("=\"");
+        push_label_value(&mut out, v);
+        out.push('"');
+    }
+    out
+}
+
+fn push_u64(out: &mut String, v: u64) {
+    use std::fmt::Write;
+    write!(out, "{v}").expect("writing to a String cannot fail");
+}
+
+/// The latency, size and errors families in prometheus-client's text layout.
+fn write_pair_families(out: &mut String, hists: &[NamedHist], labels: &Labels) {
+    let label_texts: Vec<String> = hists.iter().map(|h| pair_label_text(h, labels)).collect();
+    for kind in [HistKind::Latency, HistKind::Size] {
+        let (name, help, max_log2, unit) = kind.describe();
+        for line in ["# HELP ", "# TYPE "] {
+            out.push_str(line);
+            out.push_str(name);
+            out.push_str(if line == "# HELP " {
+                " "
+            } else {
+                " histogram\n"
+            });
+            if line == "# HELP " {
+                out.push_str(help);
+                out.push('\n');
+            }
+        }
+        for (h, label_text) in hists.iter().zip(&label_texts) {
+            let (slots, sum) = kind.of(&h.hist);
+            let count = h.hist.count();
+            let mut cumulative = 0u64;
+            for (k, le) in LE.iter().enumerate().take(max_log2 + 1) {
+                cumulative += slots[k];
+                write_bucket(out, name, label_text, le, cumulative);
+            }
+            write_bucket(out, name, label_text, "+Inf", count);
+            out.push_str(name);
+            out.push_str("_sum");
+            out.push_str(label_text);
+            out.push_str("} ");
+            // prometheus-client's float format (dtoa, shortest round-trip), for the same bytes.
+            out.push_str(dtoa::Buffer::new().format_finite(sum as f64 / unit));
+            out.push('\n');
+            out.push_str(name);
+            out.push_str("_count");
+            out.push_str(label_text);
+            out.push_str("} ");
+            push_u64(out, count);
+            out.push('\n');
+        }
+    }
+    out.push_str("# HELP ");
+    out.push_str(ERRORS_NAME);
+    out.push_str("_total ");
+    out.push_str(ERRORS_HELP);
+    out.push_str("\n# TYPE ");
+    out.push_str(ERRORS_NAME);
+    out.push_str("_total counter\n");
+    for (h, label_text) in hists.iter().zip(&label_texts) {
+        out.push_str(ERRORS_NAME);
+        out.push_str("_total");
+        out.push_str(label_text);
+        out.push_str("} ");
+        push_u64(out, h.hist.errors);
+        out.push('\n');
+    }
+}
+
+fn write_bucket(out: &mut String, name: &str, label_text: &str, le: &str, cumulative: u64) {
+    out.push_str(name);
+    out.push_str("_bucket");
+    out.push_str(label_text);
+    out.push_str(",le=\"");
+    out.push_str(le);
+    out.push_str("\"} ");
+    push_u64(out, cumulative);
+    out.push('\n');
 }
 
 pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -377,7 +539,7 @@ pub fn wants_protobuf(accept: &str) -> bool {
 /// Renders length-delimited protobuf MetricFamily messages, with native histograms.
 pub fn render_protobuf(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> Vec<u8> {
     prometheus_client::encoding::prometheus_protobuf::encode_to_vec(&registry(
-        scrape, snapshot, labels,
+        scrape, snapshot, labels, false,
     ))
     .expect("encoding into memory cannot fail")
 }
@@ -461,6 +623,86 @@ mod tests {
                 l[start..end].to_string()
             })
             .collect()
+    }
+
+    /// The whole exposition as prometheus-client alone writes it: what render_text replaced.
+    fn reference_text(scrape: Scrape, snapshot: &Snapshot, labels: &Labels) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(
+            &mut out,
+            &registry(scrape, snapshot, labels, false),
+        )
+        .unwrap();
+        out
+    }
+
+    fn scrape_of(hists: &[NamedHist]) -> Scrape {
+        Scrape {
+            hists: hists.to_vec(),
+            devices: vec![DeviceVolumes {
+                device: "loop3".into(),
+                volumes: vec![pv("pv-a", Some(("ns-a", "claim-a")))],
+                shared: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn text_path_writes_prometheus_clients_bytes() {
+        let mut claimed = hist("loop3", "write", |h| {
+            h.latency_slots[0] = 3;
+            h.latency_slots[31] = 1;
+            h.latency_slots[63] = 2; // beyond every finite bound
+            h.size_slots[15] = 4;
+            h.size_slots[16] = 1;
+            h.latency_sum_ns = 123_456_789_012_345;
+            h.size_sum_bytes = 7;
+            h.errors = 9;
+        });
+        // Every character prometheus-client escapes, in every label kind.
+        claimed.volume = Some(pv("pv-\"a\\\n", Some(("ns\n", "c\"\\"))));
+        let plain = hist("sd\"a\\", "read", |h| h.size_sum_bytes = 1);
+        let hists = vec![claimed, plain];
+        let snap = Snapshot {
+            hists: vec![],
+            lost: [1, 2, 3, 4, 5],
+            inflight: [6, 7],
+        };
+        let node = Labels {
+            node: "n\"1\\".into(),
+            attach_mode: "tp_btf".into(),
+        };
+        for (hists, labels) in [(vec![], labels()), (hists.clone(), labels()), (hists, node)] {
+            assert_eq!(
+                render_text(scrape_of(&hists), &snap, &labels),
+                reference_text(scrape_of(&hists), &snap, &labels)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn text_path_matches_prometheus_client_for_any_counts(
+            slots in proptest::collection::vec(0u64..1 << 40, LOG2_SLOTS),
+            lat_sum in proptest::prelude::any::<u64>(),
+            size_sum in proptest::prelude::any::<u64>(),
+            errors in proptest::prelude::any::<u64>(),
+            device in "[a-z0-9\"\\\\\n:-]{1,12}",
+        ) {
+            let h = hist(&device, "discard", |h| {
+                h.latency_slots.copy_from_slice(&slots);
+                h.size_slots.copy_from_slice(&slots);
+                h.size_slots.reverse();
+                h.latency_sum_ns = lat_sum;
+                h.size_sum_bytes = size_sum;
+                h.errors = errors;
+            });
+            let snap = Snapshot::default();
+            proptest::prop_assert_eq!(
+                render_text(only(vec![h.clone()]), &snap, &labels()),
+                reference_text(only(vec![h]), &snap, &labels())
+            );
+        }
     }
 
     #[test]

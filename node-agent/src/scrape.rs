@@ -37,6 +37,7 @@ impl Source {
         labels: Labels,
         volumes: Option<VolumeLabeler>,
     ) -> Self {
+        keep_large_buffers_mmapped();
         Self {
             reader: attached.reader(),
             ops: attached.facts.ops.clone(),
@@ -110,5 +111,18 @@ impl Source {
                 })
             })
             .collect()
+    }
+}
+
+/// A scrape's buffers are ~5 KiB per device/operation pair (10 MiB of text at 1024 disks), freed
+/// after each response. glibc raises its mmap threshold to the size of the first such buffer
+/// freed and from then on keeps them in the heap arena of whichever thread rendered them, so
+/// RSS grew by a buffer per blocking thread. A fixed threshold keeps them mmapped: returned to
+/// the kernel after each scrape. (musl always maps large allocations.)
+fn keep_large_buffers_mmapped() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before scrapes allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }
