@@ -166,7 +166,9 @@ static __always_inline __u64 slot_of(__u64 value, __u64 unit)
 	return slot & (LOG2_SLOTS - 1);
 }
 
-static __always_inline void observe(__u32 dev, __u32 op, __u64 latency_ns, __u64 bytes, bool failed)
+/* Returns the pair's value, for observe_queue(), or NULL when the IO was lost. */
+static __always_inline struct hist *observe(__u32 dev, __u32 op, __u64 latency_ns, __u64 bytes,
+					    bool failed)
 {
 	struct hist_key key = { .dev = dev, .op = op };
 	struct hist *h;
@@ -178,7 +180,7 @@ static __always_inline void observe(__u32 dev, __u32 op, __u64 latency_ns, __u64
 		h = bpf_map_lookup_elem(&hists, &key);
 		if (!h) {
 			count_lost(LOST_HIST_MAP_FULL);
-			return;
+			return NULL;
 		}
 	}
 	/* Per-CPU values: plain increments, no atomics. */
@@ -188,6 +190,7 @@ static __always_inline void observe(__u32 dev, __u32 op, __u64 latency_ns, __u64
 	h->size_sum_bytes += bytes;
 	if (failed)
 		h->errors += 1;
+	return h;
 }
 
 static __always_inline void remember_start(struct start_key *key, struct start_val *val)
@@ -244,6 +247,7 @@ struct rq_at_complete {
 	/* Read only for a write's zero-byte end step: */
 	bool never_issued; /* rq->state is MQ_RQ_IDLE: the driver never saw this request */
 	bool alloc_stamped; /* alloc_ns (rq->start_time_ns) was stamped for this request */
+	__u64 queued_ns; /* rq->start_time_ns when stamped for this request, else 0: see rq_queued_at() */
 };
 
 /* A partial entry of this very request, not a leftover of an earlier one at the same address. */
@@ -296,6 +300,38 @@ static __always_inline bool start_time_is_stamped(__u32 rq_flags, __u64 start_ti
 	if (rqf_io_stat_bit == RQF_BIT_UNKNOWN)
 		return start_time_ns != 0;
 	return (rq_flags >> (rqf_io_stat_bit & 31)) & 1;
+}
+
+/* ---- Queue time: kept apart from the service-time logic above, read at the same completion */
+
+/*
+ * When the request began to wait for issue, or 0 when the kernel left no stamp of its own on it.
+ * rq->start_time_ns is stamped where the bio becomes a request (blk_account_io_start(), or at
+ * allocation on kernels whose RQF_* are #defines), only for requests accounted in
+ * /sys/block/DEV/stat; on other requests it is a previous request's value or 0
+ * (start_time_is_stamped()). An unstamped request is not counted: never a stale interval.
+ */
+static __always_inline __u64 rq_queued_at(__u32 rq_flags, __u64 start_time_ns)
+{
+	if (start_time_ns == 0 || !start_time_is_stamped(rq_flags, start_time_ns))
+		return 0;
+	return start_time_ns;
+}
+
+/*
+ * Counts the time from queued_ns until issued_ns (the issue time the latency was measured from)
+ * into the pair's queue slots. A stamp after the issue time cannot be this request's wait (the
+ * kernel's cached plug time can make the two clocks disagree by a little): not counted.
+ */
+static __always_inline void observe_queue(struct hist *h, __u64 queued_ns, __u64 issued_ns)
+{
+	if (!h || queued_ns == 0 || queued_ns > issued_ns)
+		return;
+
+	__u64 queue_ns = issued_ns - queued_ns;
+
+	h->queue_slots[slot_of(queue_ns, NSEC_PER_USEC)] += 1;
+	h->queue_sum_ns += queue_ns;
 }
 
 /*
@@ -397,7 +433,7 @@ static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_byt
 		count_lost(LOST_NO_START_TIME);
 		return;
 	}
-	observe(rq->dev, rq->op, now - start_ns, bytes, failed);
+	observe_queue(observe(rq->dev, rq->op, now - start_ns, bytes, failed), rq->queued_ns, start_ns);
 }
 
 /* ---- Bio-based devices */
@@ -450,6 +486,7 @@ int BPF_PROG(btf_rq_complete, struct request *rq, int error, unsigned int nr_byt
 		.remaining_bytes = rq->__data_len,
 		.io_start_ns = rq->io_start_time_ns,
 		.alloc_ns = rq->start_time_ns,
+		.queued_ns = rq_queued_at(((struct request___end_step *)rq)->rq_flags, rq->start_time_ns),
 	};
 
 	if (is_write_end_step(c.op, c.remaining_bytes, nr_bytes) &&
@@ -489,6 +526,13 @@ static __always_inline void core_rq_issue(struct request *rq)
 	rq_issued((__u64)rq, BPF_CORE_READ(rq, q, queue_flags), BPF_CORE_READ(rq, cmd_flags));
 }
 
+/* rq_queued_at() through probe reads: two more reads per completion in raw_tp and kprobe modes. */
+static __always_inline __u64 core_rq_queued_at(struct request *rq)
+{
+	return rq_queued_at(BPF_CORE_READ((struct request___end_step *)rq, rq_flags),
+			    BPF_CORE_READ(rq, start_time_ns));
+}
+
 static __always_inline void core_rq_complete(struct request *rq, int error, unsigned int nr_bytes)
 {
 	struct gendisk *disk = BPF_CORE_READ(rq, q, disk);
@@ -516,6 +560,7 @@ static __always_inline void core_rq_complete(struct request *rq, int error, unsi
 		c.alloc_stamped = start_time_is_stamped(BPF_CORE_READ(r, rq_flags), c.alloc_ns);
 	}
 
+	c.queued_ns = core_rq_queued_at(rq);
 	rq_completed(&c, nr_bytes, error);
 }
 

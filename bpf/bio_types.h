@@ -35,6 +35,15 @@ struct hist {
 	__u64 latency_sum_ns;            /* nanoseconds, so the sum is not truncated per IO */
 	__u64 size_sum_bytes;
 	__u64 errors; /* completions with a non-zero status; also counted in the slots */
+	/*
+	 * Queue time of request-based IO: rq->start_time_ns (the bio became a request) until issue to
+	 * the driver, slot k as latency_slots. Appended here rather than kept in a map of its own: the
+	 * completion already holds this value, so the queue time costs two increments, not a second
+	 * hash lookup per IO (docs/performance.md). Only requests with a valid stamp are counted, so
+	 * the queue count can be below the latency count (README, "Queue time").
+	 */
+	__u64 queue_slots[LOG2_SLOTS];
+	__u64 queue_sum_ns;
 };
 
 /* Why a measurement was lost; each reason is one slot of the lost_events array. */

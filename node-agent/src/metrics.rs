@@ -58,6 +58,9 @@ const LE: [&str; LATENCY_MAX_LOG2 + 1] = [
     "1.073741824e+09",
     "2.147483648e+09",
 ];
+/// Beside the seed's families, in the seed's unit and buckets, so dashboards treat it alike.
+pub const QUEUE_NAME: &str = "ebpf_bio_req_queue_latency";
+pub const QUEUE_HELP: &str = "A histogram of the time block requests waited between becoming a request and issue to the driver (IO scheduler, plug, dispatch), in microseconds.";
 
 /// The seed's largest finite `le`: 2^31 µs for latency, 2^15 KiB for size. Slots above fold
 /// into +Inf in the classic buckets (never into the last finite bucket).
@@ -125,6 +128,7 @@ pub fn name_hists(
         entry.latency_sum_ns += h.latency_sum_ns;
         entry.size_sum_bytes += h.size_sum_bytes;
         entry.errors += h.errors;
+        entry.queue.add(&h.queue);
     }
     merged
         .into_iter()
@@ -212,11 +216,12 @@ impl NativeBuckets {
     }
 }
 
-/// The seed's two histograms: same slots layout, different unit.
+/// The seed's two histograms and the queue time: same slots layout, different unit.
 #[derive(Clone, Copy)]
 enum HistKind {
     Latency,
     Size,
+    Queue,
 }
 
 impl HistKind {
@@ -225,13 +230,25 @@ impl HistKind {
         match self {
             HistKind::Latency => (LATENCY_NAME, LATENCY_HELP, LATENCY_MAX_LOG2, NSEC_PER_USEC),
             HistKind::Size => (SIZE_NAME, SIZE_HELP, SIZE_MAX_LOG2, BYTES_PER_KIB),
+            HistKind::Queue => (QUEUE_NAME, QUEUE_HELP, LATENCY_MAX_LOG2, NSEC_PER_USEC),
         }
     }
 
-    fn of(self, h: &DeviceOpHist) -> (&[u64; LOG2_SLOTS], u64) {
+    /// Slots, sum and count.
+    fn of(self, h: &DeviceOpHist) -> (&[u64; LOG2_SLOTS], u64, u64) {
         match self {
-            HistKind::Latency => (&h.latency_slots, h.latency_sum_ns),
-            HistKind::Size => (&h.size_slots, h.size_sum_bytes),
+            HistKind::Latency => (&h.latency_slots, h.latency_sum_ns, h.count()),
+            HistKind::Size => (&h.size_slots, h.size_sum_bytes, h.count()),
+            HistKind::Queue => (&h.queue.slots, h.queue.sum_ns, h.queue.count()),
+        }
+    }
+
+    /// Queue series exist only where a queue time was counted: bio-based devices and the
+    /// classic-tracepoint mode have none, and would otherwise export 35 zero samples per pair.
+    fn exported_for(self, h: &DeviceOpHist) -> bool {
+        match self {
+            HistKind::Latency | HistKind::Size => true,
+            HistKind::Queue => h.queue.count() > 0,
         }
     }
 }
@@ -274,18 +291,18 @@ impl Collector for BioCollector {
         let pair_kinds: &[HistKind] = if self.pairs_written {
             &[]
         } else {
-            &[HistKind::Latency, HistKind::Size]
+            &[HistKind::Latency, HistKind::Size, HistKind::Queue]
         };
         for &kind in pair_kinds {
             let (name, help, max_log2, unit) = kind.describe();
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-            for h in &self.hists {
-                let (slots, sum) = kind.of(&h.hist);
+            for h in self.hists.iter().filter(|h| kind.exported_for(&h.hist)) {
+                let (slots, sum, count) = kind.of(&h.hist);
                 family
                     .encode_family(&self.series_labels(h))?
                     .encode_histogram_with_native::<NoLabelSet>(
                         sum as f64 / unit,
-                        h.hist.count(),
+                        count,
                         &classic_buckets(slots, max_log2),
                         None,
                         NativeBuckets::of(slots).view(),
@@ -451,10 +468,10 @@ fn push_u64(out: &mut String, v: u64) {
     write!(out, "{v}").expect("writing to a String cannot fail");
 }
 
-/// The latency, size and errors families in prometheus-client's text layout.
+/// The latency, size, queue-latency and errors families in prometheus-client's text layout.
 fn write_pair_families(out: &mut String, hists: &[NamedHist], labels: &Labels) {
     let label_texts: Vec<String> = hists.iter().map(|h| pair_label_text(h, labels)).collect();
-    for kind in [HistKind::Latency, HistKind::Size] {
+    for kind in [HistKind::Latency, HistKind::Size, HistKind::Queue] {
         let (name, help, max_log2, unit) = kind.describe();
         for line in ["# HELP ", "# TYPE "] {
             out.push_str(line);
@@ -470,8 +487,10 @@ fn write_pair_families(out: &mut String, hists: &[NamedHist], labels: &Labels) {
             }
         }
         for (h, label_text) in hists.iter().zip(&label_texts) {
-            let (slots, sum) = kind.of(&h.hist);
-            let count = h.hist.count();
+            if !kind.exported_for(&h.hist) {
+                continue;
+            }
+            let (slots, sum, count) = kind.of(&h.hist);
             let mut cumulative = 0u64;
             for (k, le) in LE.iter().enumerate().take(max_log2 + 1) {
                 cumulative += slots[k];
@@ -728,6 +747,44 @@ mod tests {
         assert!(
             text.contains("ebpf_bio_req_latency_bucket{device=\"sda\",operation=\"write\",node=\"n1\",le=\"1.048576e+06\"} 1\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn queue_time_has_the_latency_buckets_and_only_where_counted() {
+        let text = render_text(
+            only(vec![
+                hist("sda", "write", |h| {
+                    h.latency_slots[6] = 3;
+                    h.queue.slots[0] = 1;
+                    h.queue.slots[4] = 1; // (8, 16] µs
+                    h.queue.sum_ns = 9_500;
+                }),
+                hist("zram0", "write", |h| h.latency_slots[2] = 1),
+            ]),
+            &Snapshot::default(),
+            &labels(),
+        );
+        assert!(text.contains(&format!("# HELP {QUEUE_NAME} {QUEUE_HELP}\n")));
+        assert!(text.contains(&format!("# TYPE {QUEUE_NAME} histogram\n")));
+        assert_eq!(
+            le_values(&text, &format!("{QUEUE_NAME}_bucket")),
+            SEED_LATENCY_LE
+        );
+        let series = "{device=\"sda\",operation=\"write\",node=\"n1\"";
+        for expected in [
+            format!("{QUEUE_NAME}_bucket{series},le=\"8\"}} 1\n"),
+            format!("{QUEUE_NAME}_bucket{series},le=\"16\"}} 2\n"),
+            format!("{QUEUE_NAME}_sum{series}}} 9.5\n"),
+            format!("{QUEUE_NAME}_count{series}}} 2\n"),
+            // The service-time count is its own, not the queue's.
+            format!("{LATENCY_NAME}_count{series}}} 3\n"),
+        ] {
+            assert!(text.contains(&expected), "{expected} in {text}");
+        }
+        assert!(
+            !text.contains(&format!("{QUEUE_NAME}_count{{device=\"zram0\"")),
+            "no queue series without a queue time: {text}"
         );
     }
 

@@ -5,7 +5,10 @@
 
 /// Slots per histogram (LOG2_SLOTS): one per power of two of a 64-bit value.
 pub const LOG2_SLOTS: usize = 64;
-const HIST_WORDS: usize = 2 * LOG2_SLOTS + 3;
+/// The seed's part of `struct hist`: latency and size slots, their sums, errors.
+const SEED_WORDS: usize = 2 * LOG2_SLOTS + 3;
+/// Then the queue slots and their sum, appended so the seed's offsets stay.
+const HIST_WORDS: usize = SEED_WORDS + LOG2_SLOTS + 1;
 pub const HIST_VALUE_SIZE: usize = HIST_WORDS * 8;
 pub const HIST_KEY_SIZE: usize = 8;
 
@@ -41,6 +44,48 @@ pub struct DeviceOpHist {
     pub latency_sum_ns: u64,
     pub size_sum_bytes: u64,
     pub errors: u64,
+    /// Queue time of request-based IO; counts only requests the kernel stamped (bpf/bio.bpf.c,
+    /// observe_queue()), so its count may be below [`DeviceOpHist::count`].
+    pub queue: QueueHist,
+}
+
+/// Slot k counts queue times in (2^(k-1), 2^k] µs, like `latency_slots`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueHist {
+    pub slots: [u64; LOG2_SLOTS],
+    pub sum_ns: u64,
+}
+
+impl Default for QueueHist {
+    fn default() -> Self {
+        Self {
+            slots: [0; LOG2_SLOTS],
+            sum_ns: 0,
+        }
+    }
+}
+
+impl QueueHist {
+    pub fn count(&self) -> u64 {
+        self.slots.iter().sum()
+    }
+
+    pub fn add(&mut self, other: &QueueHist) {
+        for (a, b) in self.slots.iter_mut().zip(other.slots) {
+            *a += b;
+        }
+        self.sum_ns += other.sum_ns;
+    }
+
+    /// Slot-wise `self - base`, saturating like the other fields' baselines.
+    pub fn minus(&self, base: &QueueHist) -> QueueHist {
+        let mut d = QueueHist::default();
+        for k in 0..LOG2_SLOTS {
+            d.slots[k] = self.slots[k].saturating_sub(base.slots[k]);
+        }
+        d.sum_ns = self.sum_ns.saturating_sub(base.sum_ns);
+        d
+    }
 }
 
 impl DeviceOpHist {
@@ -53,6 +98,7 @@ impl DeviceOpHist {
             latency_sum_ns: 0,
             size_sum_bytes: 0,
             errors: 0,
+            queue: QueueHist::default(),
         }
     }
 
@@ -79,6 +125,10 @@ impl DeviceOpHist {
         self.latency_sum_ns += word(2 * LOG2_SLOTS);
         self.size_sum_bytes += word(2 * LOG2_SLOTS + 1);
         self.errors += word(2 * LOG2_SLOTS + 2);
+        for k in 0..LOG2_SLOTS {
+            self.queue.slots[k] += word(SEED_WORDS + k);
+        }
+        self.queue.sum_ns += word(SEED_WORDS + LOG2_SLOTS);
         Ok(())
     }
 }
@@ -129,7 +179,7 @@ mod tests {
         let mut words = vec![0u64; HIST_WORDS];
         words[lat_slot] = 1;
         words[LOG2_SLOTS + size_slot] = 1;
-        words[2 * LOG2_SLOTS..].copy_from_slice(&sums);
+        words[2 * LOG2_SLOTS..SEED_WORDS].copy_from_slice(&sums);
         words.iter().flat_map(|w| w.to_ne_bytes()).collect()
     }
 
@@ -146,6 +196,29 @@ mod tests {
             (4000, 20480, 1)
         );
         assert_eq!(h.count(), 2);
+        assert_eq!(h.queue.count(), 0);
+    }
+
+    #[test]
+    fn queue_slots_follow_the_seed_words() {
+        let mut words = vec![0u64; HIST_WORDS];
+        words[3] = 1; // one IO in latency slot 3
+        words[SEED_WORDS + 2] = 1; // queued (2, 4] µs
+        words[SEED_WORDS + LOG2_SLOTS] = 3_000;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut h = DeviceOpHist::empty(1, 0);
+        h.add_cpu_value(&bytes).unwrap();
+        h.add_cpu_value(&bytes).unwrap();
+        assert_eq!((h.count(), h.latency_sum_ns, h.errors), (2, 0, 0));
+        assert_eq!(
+            (h.queue.slots[2], h.queue.count(), h.queue.sum_ns),
+            (2, 2, 6_000)
+        );
+        let base = h.queue.clone();
+        h.queue.add(&base);
+        assert_eq!(h.queue.minus(&base), base);
+        // A value of the seed's layout alone (an older object) is refused, not half-read.
+        assert!(h.add_cpu_value(&bytes[..SEED_WORDS * 8]).is_err());
     }
 
     #[test]
