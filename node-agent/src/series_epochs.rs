@@ -135,6 +135,7 @@ fn minus(now: &DeviceOpHist, base: &DeviceOpHist) -> DeviceOpHist {
     d.latency_sum_ns = now.latency_sum_ns.saturating_sub(base.latency_sum_ns);
     d.size_sum_bytes = now.size_sum_bytes.saturating_sub(base.size_sum_bytes);
     d.errors = now.errors.saturating_sub(base.errors);
+    d.queue = now.queue.minus(&base.queue);
     d
 }
 
