@@ -45,6 +45,8 @@ CONFIGMAP_TEMPLATE = "templates/dashboard-configmap.yaml"
 DATA_KEY = "bio-exporter.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
+# The histogram families after `ebpf_bio_req_`: the seed's two and the queue time.
+HISTOGRAMS = "(?:queue_latency|latency|size)"
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s"}
 TEMPLATE_VARS = ("node", "device", "operation")
 SERVERS = ["prometheus2", "prometheus3"]
@@ -96,8 +98,8 @@ def substitute(expr, values):
 
 def forms(expr):
     """(reads classic series, reads native histograms, reads ebpf_bio_device_info)."""
-    classic = re.search(r"\bebpf_bio_req_(latency|size)_(bucket|count|sum)\b", expr) is not None
-    native = re.search(r"\bebpf_bio_req_(latency|size)\s*\{", expr) is not None
+    classic = re.search(rf"\bebpf_bio_req_{HISTOGRAMS}_(bucket|count|sum)\b", expr) is not None
+    native = re.search(rf"\bebpf_bio_req_{HISTOGRAMS}\s*\{{", expr) is not None
     return classic, native, "ebpf_bio_device_info" in expr
 
 
@@ -159,7 +161,7 @@ def test_dashboard_has_the_panels_of_the_issue():
         return any(re.search(pattern, e) for e in exprs.get(kind, []))
 
     # Classic heatmaps: sum by (le) of bucket rates, format heatmap.
-    for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size"):
+    for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size", "ebpf_bio_req_queue_latency"):
         assert any(re.fullmatch(rf"sum by \(le\) \(rate\({metric}_bucket\{{.*\}}"
                                 rf"\[\$__rate_interval\]\)\)", e) for e in heat), metric
         # Native heatmaps: sum of the rate of the histogram itself.
@@ -168,6 +170,14 @@ def test_dashboard_has_the_panels_of_the_issue():
     for t in heat_targets:
         classic, native, _ = forms(t["expr"])
         assert t["format"] == ("heatmap" if classic else "time_series"), t
+    # The queue-time heatmaps sit right below the latency ones, in the same row and repeat.
+    panels = list(walk_panels(load_dashboard()["panels"]))
+    for latency_title, queue_title in (("Latency: ", "Queue time: "),
+                                       ("Latency (native): ", "Queue time (native): ")):
+        lat = next(p for p in panels if p["title"].startswith(latency_title))
+        queue = next(p for p in panels if p["title"].startswith(queue_title))
+        assert queue["type"] == "heatmap" and queue["repeat"] == lat["repeat"], queue
+        assert queue["gridPos"] == {**lat["gridPos"], "y": lat["gridPos"]["y"] + lat["gridPos"]["h"]}
     assert has("timeseries", r"^sum by \(operation\) \( rate\(ebpf_bio_req_latency_count")
     for q in ("0.5", "0.99"):
         assert has("timeseries", rf"histogram_quantile\({q}, sum by \(le, node, device, "
@@ -337,7 +347,7 @@ def stack():
             wait_target_up(s.servers["prometheus3"], job="device-info-standin")
 
         issue_io(loop)
-        for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size"):
+        for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size", "ebpf_bio_req_queue_latency"):
             s.bucket_count[metric] = len(agent_le(agent, metric))
         counts = agent_counts(agent, loop.name)
         assert counts.get("read", 0) > 0 and counts.get("write", 0) > 0, counts
@@ -450,7 +460,7 @@ def test_expression_runs(stack, server, tid):
             vals = sample_values(result)
             assert vals and all(math.isfinite(v) and v > 0 for v in vals), f"{what}: {vals}"
         if panel["type"] == "heatmap":
-            metric = re.search(r"\b(ebpf_bio_req_(?:latency|size))", expr).group(1)
+            metric = re.search(rf"\b(ebpf_bio_req_{HISTOGRAMS})", expr).group(1)
             if target["format"] == "heatmap":
                 # Only le is left after `by (le)`, and every bucket the agent exposes is there
                 # whatever the server's spelling of le.
