@@ -5,7 +5,7 @@ use std::fmt::Write;
 use crate::bpf::{self, MapReader};
 use crate::cli::HistogramArgs;
 use crate::devices::{DeviceFilter, DeviceNamer};
-use crate::metrics::{did_io, name_hists, NamedHist, LATENCY_NAME, SIZE_NAME};
+use crate::metrics::{did_io, name_hists, NamedHist, LATENCY_NAME, QUEUE_NAME, SIZE_NAME};
 use crate::ops::OpNames;
 use crate::snapshot::{DeviceOpHist, LOG2_SLOTS};
 use crate::AgentError;
@@ -102,6 +102,8 @@ pub fn render(hists: &[NamedHist]) -> String {
         );
         render_one(&mut out, "usecs", &h.hist.latency_slots);
         render_one(&mut out, "KiB", &h.hist.size_slots);
+        // Empty (and so not printed) for bio-based disks and the tracepoint mode.
+        render_one(&mut out, "usecs queued", &h.hist.queue.slots);
     }
     out
 }
@@ -128,18 +130,26 @@ fn render_one(out: &mut String, unit: &str, slots: &[u64; LOG2_SLOTS]) {
     }
 }
 
+enum Family {
+    Latency,
+    Size,
+    Queue,
+}
+
 /// Rebuilds per-slot histograms from an agent's text exposition (cumulative buckets).
 pub fn parse_exposition(text: &str) -> Vec<NamedHist> {
     let mut map: BTreeMap<(String, String), DeviceOpHist> = BTreeMap::new();
     for line in text.lines() {
-        let (is_latency, rest) =
-            if let Some(r) = line.strip_prefix(&format!("{LATENCY_NAME}_bucket{{")) {
-                (true, r)
-            } else if let Some(r) = line.strip_prefix(&format!("{SIZE_NAME}_bucket{{")) {
-                (false, r)
-            } else {
-                continue;
-            };
+        let (family, rest) = if let Some(r) = line.strip_prefix(&format!("{LATENCY_NAME}_bucket{{"))
+        {
+            (Family::Latency, r)
+        } else if let Some(r) = line.strip_prefix(&format!("{SIZE_NAME}_bucket{{")) {
+            (Family::Size, r)
+        } else if let Some(r) = line.strip_prefix(&format!("{QUEUE_NAME}_bucket{{")) {
+            (Family::Queue, r)
+        } else {
+            continue;
+        };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
@@ -162,10 +172,10 @@ pub fn parse_exposition(text: &str) -> Vec<NamedHist> {
         let h = map
             .entry((device, operation))
             .or_insert_with(|| DeviceOpHist::empty(0, 0));
-        let slots = if is_latency {
-            &mut h.latency_slots
-        } else {
-            &mut h.size_slots
+        let slots = match family {
+            Family::Latency => &mut h.latency_slots,
+            Family::Size => &mut h.size_slots,
+            Family::Queue => &mut h.queue.slots,
         };
         let k = if bound.is_infinite() {
             LOG2_SLOTS - 1
@@ -179,6 +189,7 @@ pub fn parse_exposition(text: &str) -> Vec<NamedHist> {
         .map(|((device, operation), mut hist)| {
             decumulate(&mut hist.latency_slots);
             decumulate(&mut hist.size_slots);
+            decumulate(&mut hist.queue.slots);
             NamedHist {
                 device,
                 operation,
@@ -219,6 +230,7 @@ mod tests {
         hist.latency_slots[5] = 3;
         hist.latency_slots[40] = 2; // beyond the last finite bound
         hist.size_slots[2] = 6;
+        hist.queue.slots[3] = 4;
         let named = vec![NamedHist {
             device: "loop0".into(),
             operation: "read".into(),
@@ -247,6 +259,7 @@ mod tests {
             "above 2^31 µs shows as the overflow row"
         );
         assert_eq!(h.size_slots[2], 6);
+        assert_eq!(h.queue.slots[3], 4);
         assert_eq!(h.count(), 6);
         let shown = render(&parsed);
         assert!(
@@ -254,6 +267,7 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("(16, 32] : 3"), "{shown}");
+        assert!(shown.contains("usecs queued : count"), "{shown}");
     }
 
     #[test]
