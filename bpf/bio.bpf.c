@@ -247,7 +247,7 @@ struct rq_at_complete {
 	/* Read only for a write's zero-byte end step: */
 	bool never_issued; /* rq->state is MQ_RQ_IDLE: the driver never saw this request */
 	bool alloc_stamped; /* alloc_ns (rq->start_time_ns) was stamped for this request */
-	__u64 queued_ns; /* rq->start_time_ns when stamped for this request, else 0: see rq_queued_at() */
+	__u64 queued_ns; /* rq->start_time_ns if stamped for this request, else 0 (rq_queued_at()) */
 };
 
 /* A partial entry of this very request, not a leftover of an earlier one at the same address. */
@@ -320,8 +320,9 @@ static __always_inline __u64 rq_queued_at(__u32 rq_flags, __u64 start_time_ns)
 
 /*
  * Counts the time from queued_ns until issued_ns (the issue time the latency was measured from)
- * into the pair's queue slots. A stamp after the issue time cannot be this request's wait (the
- * kernel's cached plug time can make the two clocks disagree by a little): not counted.
+ * into the pair's queue slots. A stamp after the issue time cannot be this request's wait: the
+ * block layer caches its clock per plug, and a request made by one task and issued under another
+ * task's older cached time shows that (README, "Queue time"); not counted.
  */
 static __always_inline void observe_queue(struct hist *h, __u64 queued_ns, __u64 issued_ns)
 {
@@ -433,7 +434,9 @@ static __always_inline void rq_completed(struct rq_at_complete *rq, __u32 nr_byt
 		count_lost(LOST_NO_START_TIME);
 		return;
 	}
-	observe_queue(observe(rq->dev, rq->op, now - start_ns, bytes, failed), rq->queued_ns, start_ns);
+	struct hist *h = observe(rq->dev, rq->op, now - start_ns, bytes, failed);
+
+	observe_queue(h, rq->queued_ns, start_ns);
 }
 
 /* ---- Bio-based devices */
@@ -486,7 +489,8 @@ int BPF_PROG(btf_rq_complete, struct request *rq, int error, unsigned int nr_byt
 		.remaining_bytes = rq->__data_len,
 		.io_start_ns = rq->io_start_time_ns,
 		.alloc_ns = rq->start_time_ns,
-		.queued_ns = rq_queued_at(((struct request___end_step *)rq)->rq_flags, rq->start_time_ns),
+		.queued_ns = rq_queued_at(((struct request___end_step *)rq)->rq_flags,
+					  rq->start_time_ns),
 	};
 
 	if (is_write_end_step(c.op, c.remaining_bytes, nr_bytes) &&
