@@ -779,7 +779,9 @@ async fn kube_reviewer_refused_by_rbac_gives_503_with_the_missing_permission() {
 
 #[tokio::test]
 async fn kube_reviewer_with_the_api_server_gone_gives_503() {
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // 127.0.0.2, which no other test binds: a port freed on 127.0.0.1 can be taken at once by
+    // a server another test starts in parallel, and then the API server is not gone.
+    let gone = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let api = gone.local_addr().unwrap();
     drop(gone);
     let addr = serve(app(kube_auth_for(api, AuthConfig::default()))).await;
