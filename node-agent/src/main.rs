@@ -11,6 +11,7 @@ mod scrape;
 mod series_epochs;
 mod snapshot;
 mod tls;
+mod unobserved;
 mod volumes;
 
 use std::path::PathBuf;

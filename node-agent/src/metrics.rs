@@ -835,8 +835,9 @@ mod tests {
             only(vec![hist("vda", "flush", |h| h.errors = 3)]),
             &Snapshot {
                 hists: vec![],
-                lost: [1, 2, 0, 0, 7],
+                lost: [1, 2, 0, 0, 7, 4],
                 inflight: [5, 0],
+                unobserved: vec![],
             },
             &labels(),
         );
@@ -853,6 +854,12 @@ mod tests {
         assert!(
             text.contains(
                 "ebpf_bio_lost_events_total{reason=\"program_recursion\",node=\"n1\"} 7\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ebpf_bio_lost_events_total{reason=\"unobserved_completion\",node=\"n1\"} 4\n"
             ),
             "{text}"
         );

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 /// Classic tracepoints only see the rwbs string; these codes mirror CLASSIC_OP_* in bpf/bio_types.h.
-const CLASSIC_OP_BASE: u32 = 0x100;
+pub const CLASSIC_OP_BASE: u32 = 0x100;
 const CLASSIC_OPS: [(u32, &str); 5] = [
     (CLASSIC_OP_BASE, "read"),
     (CLASSIC_OP_BASE + 1, "write"),

@@ -10,7 +10,7 @@ use crate::metrics::{
 };
 use crate::ops::OpNames;
 use crate::series_epochs::SeriesEpochs;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, LOST_UNOBSERVED};
 use crate::volumes::{PvInfo, VolumeIndex, VolumeLabeler};
 
 /// Everything a scrape needs, set once the programs are attached.
@@ -52,7 +52,15 @@ impl Source {
 
     /// Reads the maps and renders them; blocking (map reads, sysfs and kubelet-directory scans).
     pub fn render(&self, protobuf: bool) -> Result<Rendered, BpfError> {
-        let snap = self.reader.snapshot()?;
+        let mut snap = self.reader.snapshot()?;
+        // Unlike the other reasons, these are known per disk: a disk the filter leaves out is
+        // not this agent's to report.
+        snap.lost[LOST_UNOBSERVED] = snap
+            .unobserved
+            .iter()
+            .filter(|(dev, _)| self.filter.allows(&self.namer.name(*dev)))
+            .map(|(_, n)| n)
+            .sum();
         // The host may have changed since the last scrape (a disk appeared): attach what it
         // needs now, then report what was counted.
         self.attached.refresh(Some(&snap));

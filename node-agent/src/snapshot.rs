@@ -13,18 +13,22 @@ pub const HIST_VALUE_SIZE: usize = HIST_WORDS * 8;
 pub const HIST_KEY_SIZE: usize = 8;
 
 /// Exported as the `reason` label: the names of `enum lost_reason` (counted by the programs, in
-/// the `lost_events` map), in order, then what the kernel counts for us.
-pub const LOST_REASONS: [&str; 5] = [
+/// the `lost_events` map), in order, then what the kernel counts for us, then the completions
+/// user space finds missing (see unobserved.rs).
+pub const LOST_REASONS: [&str; 6] = [
     "start_map_full",
     "no_start_time",
     "hist_map_full",
     "partial_map_full",
     "program_recursion",
+    "unobserved_completion",
 ];
 /// How many of LOST_REASONS the programs count (`LOST_REASONS` in bpf/bio_types.h).
 pub const KERNEL_LOST_REASONS: usize = 4;
 /// Index of the skipped nested runs (see bpf/recursion.rs) in LOST_REASONS.
 pub const LOST_PROGRAM_RECURSION: usize = 4;
+/// Index of the completions stat counted and the programs never ran for, in LOST_REASONS.
+pub const LOST_UNOBSERVED: usize = 5;
 /// Index of LOST_NO_START_TIME in LOST_REASONS.
 pub const LOST_NO_START_TIME: usize = 1;
 
@@ -169,6 +173,8 @@ pub struct Snapshot {
     pub lost: [u64; LOST_REASONS.len()],
     /// Entries in the start and partial tables, indexed like INFLIGHT_TABLES.
     pub inflight: [u64; INFLIGHT_TABLES.len()],
+    /// Per disk (dev_t), the completions counted in LOST_UNOBSERVED, for the device filter.
+    pub unobserved: Vec<(u32, u64)>,
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 
 The agent's counts per operation plus the losses it reports must equal what the kernel completed:
 /sys/block/DEV/stat, and the block_rq_complete events the kernel's own tracer recorded for the
-disk (a second, independent count on the very tracepoint the programs run on).
+disk (a second, independent count on the very tracepoint the programs run on). Now and then the
+kernel does not run the programs for a burst of these completions (docs/performance.md, "Counts
+under a mixed load"); the agent finds them by comparing with stat and reports them as
+reason="unobserved_completion", which must then account for every one.
 """
-import os
 import random
 import subprocess
 import time
@@ -36,13 +38,21 @@ def quiesced_stat(dev, quiet=1.0, timeout=30.0):
     raise AssertionError(f"{dev} did not go idle within {timeout}s: {last}")
 
 
-def lost_total(samples):
-    return sum(v for n, _, v in samples if n == "ebpf_bio_lost_events_total")
+def lost_by_reason(samples):
+    return {labels["reason"]: v for n, labels, v in samples if n == "ebpf_bio_lost_events_total"}
 
 
-# The default mode, and classic tracepoints, whose programs the kernel runs through perf and
-# whose skipped runs it does count (program_recursion).
-@pytest.mark.parametrize("mode", ["tp_btf", "tracepoint"])
+# The agent compares its counts with stat once a second while a disk is idle, and takes a disk's
+# baseline only after two idle checks with the counters standing still (node-agent/src/unobserved.rs):
+# quiet this long before and after the load, it has done both.
+AGENT_QUIET = 2.5
+
+
+# tp_btf, the default, and raw_tp (the same kernel path), whose counts are meant to equal stat
+# exactly: the completions the kernel never ran the programs for are counted as
+# reason="unobserved_completion". Classic tracepoints, whose programs the kernel runs through perf
+# and whose skipped runs it does count (program_recursion), are not compared with stat by the agent.
+@pytest.mark.parametrize("mode", ["tp_btf", "raw_tp", "tracepoint"])
 def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, loop_factory, request, mode):
     require_tool("fio")
     require_tool("blkdiscard")
@@ -51,7 +61,7 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
     request.addfinalizer(trace.close)
     agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
 
-    s0 = quiesced_stat(loop.name)
+    s0 = quiesced_stat(loop.name, quiet=AGENT_QUIET)
     trace.clear()
     m0 = agent.samples()
     fio = subprocess.Popen(
@@ -67,7 +77,7 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
         discards += 1
         time.sleep(0.05)
     assert fio.returncode == 0, fio.stderr.read()
-    s1 = quiesced_stat(loop.name)
+    s1 = quiesced_stat(loop.name, quiet=AGENT_QUIET)
     m1 = agent.samples()
     traced = trace.counts()
     d = stat_delta(s0, s1)
@@ -78,8 +88,15 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
                     - sample(m0, f"{LAT}_count", operation=op, **dev) for op in OPS}
     stat_counts = {op: d[field] for op, field in OPS.items()}
     traced_counts = {op: traced[op] for op in OPS}
-    lost = lost_total(m1) - lost_total(m0)
-    report = f"{mode}: agent {agent_counts}, stat {stat_counts}, tracefs {traced_counts}, lost {lost}"
+    l0, l1 = lost_by_reason(m0), lost_by_reason(m1)
+    lost = {r: l1[r] - l0.get(r, 0) for r in l1 if l1[r] != l0.get(r, 0)}
+    unobserved = lost.get("unobserved_completion", 0)
+    # The other reasons are not per disk: they may be another disk's on this host.
+    elsewhere = sum(n for r, n in lost.items() if r != "unobserved_completion")
+    missing = sum(stat_counts[op] - agent_counts[op] for op in OPS)
+    report = (f"{mode}: agent {agent_counts}, stat {stat_counts}, tracefs {traced_counts}, "
+              f"lost {lost}, missing {missing}")
+    print(report)
 
     # The comparison itself is exact: every completion stat counted passed the tracepoint.
     assert traced_counts == stat_counts, report
@@ -87,13 +104,11 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
     # Never more than the kernel completed: discards split into several requests, merged
     # requests and requeues are each counted once.
     assert all(agent_counts[op] <= stat_counts[op] for op in OPS), report
-    missing = sum(stat_counts[op] - agent_counts[op] for op in OPS)
-    if missing <= lost:
-        return  # every completion is either in the histograms or in a reported loss
-    # Measured on kernel 6.18 (docs/performance.md, "Counts under a mixed load"): now and then a
-    # burst of completions that the kernel's tracer records on this tracepoint never runs our
-    # programs, and the kernel counts no recursion miss for them. Not ours to fix and not yet
-    # detected by the agent: visible as XFAIL, a hard failure with BIO_STRICT_MIXED=1.
-    if os.environ.get("BIO_STRICT_MIXED") != "1":
-        pytest.xfail(f"{missing} completions never reached the BPF programs and no loss was reported: {report}")
-    pytest.fail(f"{missing} completions neither counted nor reported lost: {report}")
+    # Every completion is either in the histograms or in a reported loss.
+    assert missing <= unobserved + elsewhere, report
+    if mode == "tracepoint":
+        assert unobserved == 0, f"classic tracepoints are not compared with stat: {report}"
+        return
+    # The agent reports no completion of this disk lost that was counted: a false loss here
+    # would be a comparison taken while an IO sat between observation and accounting.
+    assert unobserved <= missing, report

@@ -20,8 +20,9 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
 
 use crate::snapshot::{
     parse_key, DeviceOpHist, LayoutError, Snapshot, HIST_KEY_SIZE, HIST_VALUE_SIZE,
-    KERNEL_LOST_REASONS, LOST_NO_START_TIME, LOST_PROGRAM_RECURSION, LOST_REASONS,
+    KERNEL_LOST_REASONS, LOST_NO_START_TIME, LOST_PROGRAM_RECURSION, LOST_REASONS, LOST_UNOBSERVED,
 };
+use crate::unobserved::{self, DiskStat, Reading, Unobserved, GROUPS};
 use kernel_facts::{tracepoint_fields, KernelFacts, TracepointFields};
 use skel::{BioSkel, BioSkelBuilder};
 
@@ -311,23 +312,123 @@ fn precreate_entries(hists: &MapHandle, ops: &[u32], sys_block: &Path, st: &mut 
 /// apart, and until the entries exist a disk's first IOs allocate in interrupt context. A disk
 /// that does IO within that second is still counted (the program creates the entry, or counts
 /// the IO lost). Ends when the programs are unloaded.
+///
+/// With `exact` (modes whose counts equal /sys/block/DEV/stat), it also compares them with stat
+/// once per DISKS_WATCH (see unobserved.rs).
 fn watch_disks(
     state: Weak<Mutex<AttachState>>,
     hists: MapHandle,
     ops: Vec<u32>,
     sys_block: PathBuf,
+    exact: Option<(MapReader, StatGroups)>,
 ) {
+    let mut compared: Vec<topology::StatDisk> = Vec::new();
+    let mut compared_at: Option<(Instant, BTreeSet<std::ffi::OsString>)> = None;
     loop {
         std::thread::sleep(DISKS_WATCH);
         let Some(state) = state.upgrade() else {
             return;
         };
         let names = topology::disk_names(&sys_block);
-        let mut st = lock_state(&state);
-        if names != st.prepared_names {
-            st.prepared_names = names;
-            precreate_entries(&hists, &ops, &sys_block, &mut st);
+        {
+            let mut st = lock_state(&state);
+            if names != st.prepared_names {
+                st.prepared_names = names.clone();
+                precreate_entries(&hists, &ops, &sys_block, &mut st);
+            }
         }
+        let Some((reader, groups)) = &exact else {
+            continue;
+        };
+        // Which disks to compare is a few sysfs reads per disk: redone when disks come or go
+        // and every DISKS_RECHECK (iostats switched, a loop device bound).
+        let stale = compared_at
+            .as_ref()
+            .is_none_or(|(at, seen)| *seen != names || at.elapsed() >= DISKS_RECHECK);
+        if stale {
+            let now = topology::stat_disks(&sys_block);
+            let kept: HashSet<u32> = now.iter().map(|d| d.dev).collect();
+            let mut u = reader.unobserved_state();
+            for d in compared.iter().filter(|d| !kept.contains(&d.dev)) {
+                u.gone(d.dev);
+            }
+            drop(u);
+            compared = now;
+            compared_at = Some((Instant::now(), names));
+        }
+        check_unobserved(reader, &compared, groups);
+    }
+}
+
+/// Operation codes of the running kernel that stat counts apart from reads and writes.
+#[derive(Debug, Clone, Copy)]
+struct StatGroups {
+    discard: Option<u32>,
+    flush: Option<u32>,
+}
+
+fn read_stat(disk: &topology::StatDisk) -> Option<DiskStat> {
+    unobserved::parse_stat(&std::fs::read_to_string(disk.dir.join("stat")).ok()?)
+}
+
+/// One comparison of the agent's counts with /sys/block/DEV/stat: stat, then the maps, then stat
+/// again, for the disks with nothing in flight at the first read.
+fn check_unobserved(reader: &MapReader, disks: &[topology::StatDisk], groups: &StatGroups) {
+    let mut idle = Vec::new();
+    let mut busy = Vec::new();
+    let mut gone = Vec::new();
+    for d in disks {
+        match read_stat(d) {
+            None => gone.push(d.dev),
+            Some(s) if s.in_flight > 0 => busy.push(d.dev),
+            Some(s) => {
+                let seq = std::fs::read_to_string(d.dir.join("diskseq"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                idle.push((d, s, seq));
+            }
+        }
+    }
+    let readings = if idle.is_empty() {
+        Vec::new()
+    } else {
+        let devs: HashSet<u32> = idle.iter().map(|(d, _, _)| d.dev).collect();
+        let counts = reader.agent_counts(&devs, groups);
+        let lost = reader.program_losses();
+        let (Ok(counts), Ok(lost)) = (counts, lost) else {
+            return; // the maps are going away with the programs
+        };
+        let reported: u64 = lost.iter().sum();
+        idle.into_iter()
+            .map(|(d, before, seq)| {
+                let after = read_stat(d).unwrap_or(DiskStat {
+                    in_flight: u64::MAX, // vanished meanwhile: not comparable
+                    ..before
+                });
+                let agent = counts.get(&d.dev).copied().unwrap_or_default();
+                (
+                    d.dev,
+                    Reading {
+                        seq,
+                        before,
+                        agent,
+                        reported,
+                        after,
+                    },
+                )
+            })
+            .collect()
+    };
+    let mut u = reader.unobserved_state();
+    for dev in gone {
+        u.gone(dev);
+    }
+    for dev in busy {
+        u.busy(dev);
+    }
+    for (dev, r) in &readings {
+        u.check(*dev, r);
     }
 }
 
@@ -339,6 +440,8 @@ pub struct MapReader {
     /// The object's .bss: the in-flight entry counters the programs keep.
     bss: MapHandle,
     recursion: std::sync::Arc<recursion::RecursionMisses>,
+    /// Filled by the disk watcher, shared by every clone.
+    unobserved: Arc<Mutex<Unobserved>>,
 }
 
 impl Clone for MapReader {
@@ -348,6 +451,7 @@ impl Clone for MapReader {
             lost: MapHandle::try_from(&self.lost).expect("dup of an open map fd"),
             bss: MapHandle::try_from(&self.bss).expect("dup of an open map fd"),
             recursion: self.recursion.clone(),
+            unobserved: self.unobserved.clone(),
         }
     }
 }
@@ -398,23 +502,9 @@ impl MapReader {
             hists.push(h);
         }
         let mut lost = [0u64; LOST_REASONS.len()];
-        lost[LOST_PROGRAM_RECURSION] = self.recursion.total();
-        for (i, slot) in lost.iter_mut().enumerate().take(KERNEL_LOST_REASONS) {
-            let key = (i as u32).to_ne_bytes();
-            let per_cpu = self
-                .lost
-                .lookup_percpu(&key, MapFlags::ANY)
-                .map_err(|source| BpfError::MapRead {
-                    map: "lost_events",
-                    source,
-                })?
-                .unwrap_or_default();
-            *slot = per_cpu
-                .iter()
-                .filter_map(|v| v.get(..8))
-                .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
-                .sum();
-        }
+        lost[..=LOST_PROGRAM_RECURSION].copy_from_slice(&self.program_losses()?);
+        let unobserved = self.unobserved_state().losses();
+        lost[LOST_UNOBSERVED] = unobserved.iter().map(|(_, n)| n).sum();
         let bss = self
             .bss
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
@@ -433,7 +523,72 @@ impl MapReader {
             hists,
             lost,
             inflight,
+            unobserved,
         })
+    }
+
+    fn unobserved_state(&self) -> std::sync::MutexGuard<'_, Unobserved> {
+        self.unobserved
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the programs and the kernel count lost per IO (LOST_REASONS up to program_recursion).
+    fn program_losses(&self) -> Result<[u64; LOST_PROGRAM_RECURSION + 1], BpfError> {
+        let mut lost = [0u64; LOST_PROGRAM_RECURSION + 1];
+        lost[LOST_PROGRAM_RECURSION] = self.recursion.total();
+        for (i, slot) in lost.iter_mut().enumerate().take(KERNEL_LOST_REASONS) {
+            let key = (i as u32).to_ne_bytes();
+            let per_cpu = self
+                .lost
+                .lookup_percpu(&key, MapFlags::ANY)
+                .map_err(|source| BpfError::MapRead {
+                    map: "lost_events",
+                    source,
+                })?
+                .unwrap_or_default();
+            *slot = per_cpu
+                .iter()
+                .filter_map(|v| v.get(..8))
+                .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                .sum();
+        }
+        Ok(lost)
+    }
+
+    /// The completions the programs counted per stat group, for the given disks.
+    fn agent_counts(
+        &self,
+        devs: &HashSet<u32>,
+        groups: &StatGroups,
+    ) -> Result<HashMap<u32, [u64; GROUPS]>, BpfError> {
+        let mut counts: HashMap<u32, [u64; GROUPS]> = HashMap::new();
+        for key in self.hists.keys() {
+            let (dev, op) = parse_key(&key)?;
+            let Some(g) = devs
+                .contains(&dev)
+                .then(|| unobserved::group_of(op, groups.discard, groups.flush))
+                .flatten()
+            else {
+                continue;
+            };
+            let Some(per_cpu) =
+                self.hists
+                    .lookup_percpu(&key, MapFlags::ANY)
+                    .map_err(|source| BpfError::MapRead {
+                        map: "hists",
+                        source,
+                    })?
+            else {
+                continue;
+            };
+            let mut h = DeviceOpHist::empty(dev, op);
+            for cpu_value in &per_cpu {
+                h.add_cpu_value(cpu_value)?;
+            }
+            counts.entry(dev).or_default()[g] += h.count();
+        }
+        Ok(counts)
     }
 }
 
@@ -657,6 +812,7 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         lost: MapHandle::try_from(&skel.maps.lost_events).map_err(|e| e.to_string())?,
         bss: MapHandle::try_from(&skel.maps.bss).map_err(|e| e.to_string())?,
         recursion: std::sync::Arc::new(recursion::RecursionMisses::of(skel.object())),
+        unobserved: Arc::new(Mutex::new(Unobserved::default())),
     };
     let attached = Attached {
         mode,
@@ -686,9 +842,22 @@ fn try_mode(mode: AttachMode, facts: &KernelFacts) -> Result<Attached, String> {
         let hists = MapHandle::try_from(&attached.maps.hists).map_err(|e| e.to_string())?;
         let (state, ops) = (Arc::downgrade(&attached.state), attached.ops());
         let sys_block = attached.sys_block.clone();
+        // Classic tracepoints differ from stat by design (README: empty preflush writes) and
+        // report their skipped runs themselves.
+        let exact = matches!(
+            mode,
+            AttachMode::TpBtf | AttachMode::RawTp | AttachMode::Kprobe
+        )
+        .then(|| {
+            let groups = StatGroups {
+                discard: attached.facts.ops.code("discard"),
+                flush: attached.facts.ops.code("flush"),
+            };
+            (attached.reader(), groups)
+        });
         std::thread::Builder::new()
             .name("disk-watch".into())
-            .spawn(move || watch_disks(state, hists, ops, sys_block))
+            .spawn(move || watch_disks(state, hists, ops, sys_block, exact))
     };
     if let Err(e) = watcher {
         tracing::warn!(error = %e, "no disk watcher: new disks' histogram entries are made at the next scrape");

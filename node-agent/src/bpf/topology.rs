@@ -48,6 +48,35 @@ pub fn bio_based_disk(sys_block: &Path) -> Option<String> {
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+/// A disk whose `/sys/block/DEV/stat` counts exactly what the request programs see.
+#[derive(Debug, Clone)]
+pub struct StatDisk {
+    pub dir: std::path::PathBuf,
+    pub dev: u32,
+}
+
+/// Request-based disks with capacity whose queue keeps IO stats (`queue/iostats` 1). Bio-based
+/// disks are left out: their stat differs from what the agent counts by design (zram accounts no
+/// discards or write-zeroes), and with iostats 0 stat counts nothing.
+pub fn stat_disks(sys_block: &Path) -> Vec<StatDisk> {
+    disks(sys_block)
+        .filter(|d| is_request_based(d))
+        .filter(|d| std::fs::read_to_string(d.join("queue/iostats")).is_ok_and(|s| s.trim() == "1"))
+        .filter_map(|d| {
+            let dev = parse_dev(&std::fs::read_to_string(d.join("dev")).ok()?)?;
+            Some(StatDisk { dir: d, dev })
+        })
+        .collect()
+}
+
+fn parse_dev(s: &str) -> Option<u32> {
+    let (major, minor) = s.trim().split_once(':')?;
+    Some(crate::devices::mkdev(
+        major.parse().ok()?,
+        minor.parse().ok()?,
+    ))
+}
+
 /// The disks' names: one directory read, cheap enough for every scrape.
 pub fn disk_names(sys_block: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
     std::fs::read_dir(sys_block)
@@ -65,13 +94,7 @@ pub fn disk_devs(sys_block: &Path) -> Vec<u32> {
         .flatten()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
-        .filter_map(|s| {
-            let (major, minor) = s.trim().split_once(':')?;
-            Some(crate::devices::mkdev(
-                major.parse().ok()?,
-                minor.parse().ok()?,
-            ))
-        })
+        .filter_map(|s| parse_dev(&s))
         .collect()
 }
 
@@ -91,6 +114,7 @@ mod tests {
         if let Some(w) = wbt {
             fs::write(d.join("queue/wbt_lat_usec"), format!("{w}\n")).unwrap();
         }
+        fs::write(d.join("queue/iostats"), "1\n").unwrap();
     }
 
     #[test]
@@ -115,6 +139,10 @@ mod tests {
             .iter()
             .all(|&d| d == crate::devices::mkdev(7, 3)));
         assert_eq!(disk_devs(&root).len(), 5);
+        // Compared with stat: request-based, sized, iostats on.
+        fs::write(root.join("sdb/queue/iostats"), "0\n").unwrap();
+        let compared: Vec<_> = stat_disks(&root).into_iter().map(|d| d.dir).collect();
+        assert_eq!(compared, vec![root.join("vda")]);
         fs::remove_dir_all(&root).unwrap();
     }
 }
