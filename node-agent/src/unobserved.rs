@@ -143,11 +143,12 @@ impl Unobserved {
         }
     }
 
-    pub fn check(&mut self, dev: u32, r: &Reading) {
+    /// Returns how many completions this check found lost that earlier ones had not.
+    pub fn check(&mut self, dev: u32, r: &Reading) -> u64 {
         let d = self.disks.entry(dev).or_default();
         if !r.idle() {
             d.last_idle = None;
-            return;
+            return 0;
         }
         let stat = r.after.ios;
         if let Some(b) = d.baseline {
@@ -179,9 +180,12 @@ impl Unobserved {
                     .map(|g| (stat[g] - b.stat[g]).saturating_sub(r.agent[g] - b.agent[g]))
                     .sum();
                 let reported = r.reported.saturating_sub(b.reported);
-                d.since_baseline = d.since_baseline.max(short.saturating_sub(reported));
+                let was = d.since_baseline;
+                d.since_baseline = was.max(short.saturating_sub(reported));
+                return d.since_baseline - was;
             }
         }
+        0
     }
 
     /// Losses per disk, for the disks that had any.
@@ -223,8 +227,8 @@ mod tests {
 
     /// Two quiet idle checks: the baseline.
     fn baseline(u: &mut Unobserved, stat: [u64; GROUPS], agent: [u64; GROUPS]) {
-        u.check(DEV, &idle(stat, agent, 0));
-        u.check(DEV, &idle(stat, agent, 0));
+        assert_eq!(u.check(DEV, &idle(stat, agent, 0)), 0);
+        assert_eq!(u.check(DEV, &idle(stat, agent, 0)), 0);
     }
 
     #[test]
@@ -262,7 +266,7 @@ mod tests {
         // Before the baseline the agent may have missed anything (it started late): not a loss.
         baseline(&mut u, [100, 50, 0, 0], [90, 50, 0, 0]);
         assert_eq!(lost(&u), 0);
-        u.check(DEV, &idle([200, 80, 5, 1], [187, 79, 5, 1], 0));
+        assert_eq!(u.check(DEV, &idle([200, 80, 5, 1], [187, 79, 5, 1], 0)), 4);
         assert_eq!(lost(&u), 3 + 1);
         // More writes than stat (e.g. a legitimate extra) do not hide the reads' loss.
         u.check(DEV, &idle([205, 90, 5, 1], [190, 95, 5, 1], 0));

@@ -428,7 +428,15 @@ fn check_unobserved(reader: &MapReader, disks: &[topology::StatDisk], groups: &S
         u.busy(dev);
     }
     for (dev, r) in &readings {
-        u.check(*dev, r);
+        let new = u.check(*dev, r);
+        if new > 0 {
+            let device = format!(
+                "{}:{}",
+                crate::devices::major(*dev),
+                crate::devices::minor(*dev)
+            );
+            tracing::warn!(%device, completions = new, "completions counted by the block layer (/sys/block/DEV/stat) never ran the programs: counted lost (reason unobserved_completion)");
+        }
     }
 }
 
