@@ -677,6 +677,9 @@ mod tests {
             h.latency_sum_ns = 123_456_789_012_345;
             h.size_sum_bytes = 7;
             h.errors = 9;
+            h.queue.slots[2] = 5;
+            h.queue.slots[40] = 1;
+            h.queue.sum_ns = 987_654_321;
         });
         // Every character prometheus-client escapes, in every label kind.
         claimed.volume = Some(pv("pv-\"a\\\n", Some(("ns\n", "c\"\\"))));
@@ -684,8 +687,9 @@ mod tests {
         let hists = vec![claimed, plain];
         let snap = Snapshot {
             hists: vec![],
-            lost: [1, 2, 3, 4, 5],
+            lost: [1, 2, 3, 4, 5, 6],
             inflight: [6, 7],
+            unobserved: vec![],
         };
         let node = Labels {
             node: "n\"1\\".into(),
@@ -715,6 +719,8 @@ mod tests {
                 h.latency_sum_ns = lat_sum;
                 h.size_sum_bytes = size_sum;
                 h.errors = errors;
+                h.queue.slots.copy_from_slice(&slots);
+                h.queue.sum_ns = lat_sum / 2;
             });
             let snap = Snapshot::default();
             proptest::prop_assert_eq!(
