@@ -232,6 +232,24 @@ def wait_for(predicate, timeout=5.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_idle(dev, quiet=0.5, timeout=20.0):
+    """/sys/block/DEV/stat once nothing is in flight and no counter has moved for `quiet` seconds.
+
+    Nothing else on the test machine opens the tests' loop devices (no udev to run blkid after a
+    close-after-write), so a quiet device stays quiet while the agent is read.
+    """
+    deadline = time.time() + timeout
+    last, still_since = read_stat(dev), time.time()
+    while time.time() < deadline:
+        time.sleep(0.05)
+        now = read_stat(dev)
+        if now != last or now["in_flight"]:
+            last, still_since = now, time.time()
+        elif time.time() - still_since >= quiet:
+            return now
+    raise AssertionError(f"{dev} did not go idle within {timeout}s: {last}")
+
+
 def require_tool(name):
     if shutil.which(name) is None:
         pytest.fail(f"{name} is not installed: run `make deps`")

@@ -4,13 +4,11 @@ import json
 import mmap
 import os
 import re
-import subprocess
-import time
 
 import pytest
 import yaml
 
-from conftest import REPO, direct_io, read_stat, require_tool, sample, sh, stat_delta, wait_for
+from conftest import REPO, direct_io, read_stat, require_tool, sample, sh, stat_delta, wait_for, wait_idle
 
 # Modes that attach on a kernel with BTF and tracefs; kprobe has its own test (compiled out here).
 MODES = ["tp_btf", "raw_tp", "tracepoint"]
@@ -96,20 +94,6 @@ def test_flush_and_discard_have_their_own_operations(agent_factory, loop, mode, 
     discards = deltas(m1, m2, f"{LAT}_count", operation="discard", **dev)
     assert discards == stat_delta(s2, s3)["discard_ios"] and discards > 0
     assert deltas(m1, m2, f"{SIZE}_sum", operation="discard", **dev) == stat_delta(s2, s3)["discard_sectors"] * 512 / 1024
-
-
-def wait_idle(dev, quiet=0.5, timeout=20.0):
-    """/sys/block/DEV/stat once nothing is in flight and no counter has moved for `quiet` seconds."""
-    deadline = time.time() + timeout
-    last, still_since = read_stat(dev), time.time()
-    while time.time() < deadline:
-        time.sleep(0.05)
-        now = read_stat(dev)
-        if now != last or now["in_flight"]:
-            last, still_since = now, time.time()
-        elif time.time() - still_since >= quiet:
-            return now
-    raise AssertionError(f"{dev} did not go idle within {timeout}s: {last}")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -13,29 +13,11 @@ import time
 
 import pytest
 
-from conftest import CompletionTrace, read_stat, require_tool, sample, sh, stat_delta
+from conftest import CompletionTrace, read_stat, require_tool, sample, sh, stat_delta, wait_idle
 
 LAT = "ebpf_bio_req_latency"
 SECONDS = 10
 OPS = {"read": "read_ios", "write": "write_ios", "discard": "discard_ios"}
-
-
-def quiesced_stat(dev, quiet=1.0, timeout=30.0):
-    """/sys/block/DEV/stat once nothing is in flight and no counter moved for `quiet` seconds.
-
-    Nothing else on this machine opens the test's loop device (no udev to run blkid after a
-    close-after-write), so a quiet device stays quiet while the agent is read.
-    """
-    deadline = time.time() + timeout
-    last, since = read_stat(dev), time.time()
-    while time.time() < deadline:
-        time.sleep(0.05)
-        now = read_stat(dev)
-        if now != last or now["in_flight"]:
-            last, since = now, time.time()
-        elif time.time() - since >= quiet:
-            return now
-    raise AssertionError(f"{dev} did not go idle within {timeout}s: {last}")
 
 
 def lost_by_reason(samples):
@@ -61,7 +43,7 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
     request.addfinalizer(trace.close)
     agent = agent_factory("--attach", mode, "--device-include", f"^{loop.name}$")
 
-    s0 = quiesced_stat(loop.name, quiet=AGENT_QUIET)
+    s0 = wait_idle(loop.name, quiet=AGENT_QUIET, timeout=30.0)
     trace.clear()
     m0 = agent.samples()
     fio = subprocess.Popen(
@@ -77,7 +59,7 @@ def test_randrw_with_concurrent_discards_counts_every_completion(agent_factory, 
         discards += 1
         time.sleep(0.05)
     assert fio.returncode == 0, fio.stderr.read()
-    s1 = quiesced_stat(loop.name, quiet=AGENT_QUIET)
+    s1 = wait_idle(loop.name, quiet=AGENT_QUIET, timeout=30.0)
     m1 = agent.samples()
     traced = trace.counts()
     d = stat_delta(s0, s1)
