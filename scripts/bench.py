@@ -13,6 +13,7 @@ alternating in every round, so a change to the programs is compared side by side
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import mmap
 import os
@@ -154,7 +155,10 @@ def did_io(dev):
 @contextlib.contextmanager
 def loop_devices(n):
     """n loop devices on sparse /dev/shm files, made by this run only (losetup --find asks
-    /dev/loop-control for a free or new one), and only those detached again."""
+    /dev/loop-control for a free or new one), and only those detached again; the device nodes
+    this run had the kernel create are removed too, so a 1024-device run leaves no 1000 empty
+    disks behind (each would be one more disk for every agent on the host)."""
+    existed = {d for d in os.listdir("/sys/block") if d.startswith("loop")}
     files, devs = [], []
     try:
         for _ in range(n):
@@ -169,6 +173,23 @@ def loop_devices(n):
             subprocess.run(["losetup", "-d", d])
         for f in files:
             os.unlink(f)
+        remove_new_loop_nodes(devs, existed)
+
+
+LOOP_CTL_REMOVE = 0x4C81  # linux/loop.h
+
+
+def remove_new_loop_nodes(devs, existed):
+    """LOOP_CTL_REMOVE for the nodes of `devs` that were not there before; busy ones stay."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        for d in devs:
+            name = os.path.basename(d)
+            if name not in existed:
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(ctl, LOOP_CTL_REMOVE, int(name[len("loop"):]))
+    finally:
+        os.close(ctl)
 
 
 def scrape_cost(n_devices, scrapes):
