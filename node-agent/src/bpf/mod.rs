@@ -465,8 +465,9 @@ impl Clone for MapReader {
 }
 
 impl MapReader {
-    /// One pass over the maps: O(device/operation pairs), independent of the IO rate.
-    pub fn snapshot(&self) -> Result<Snapshot, BpfError> {
+    /// Every device/operation pair's histogram, summed over CPUs: BPF_MAP_LOOKUP_BATCH where the
+    /// kernel has it, else one lookup per key (kernels before 5.6).
+    fn read_hists(&self) -> Result<Vec<DeviceOpHist>, BpfError> {
         let mut hists = Vec::new();
         let batched = lookup_percpu_batch(&self.hists, HIST_KEY_SIZE, |key, per_cpu| {
             let (dev, op) = parse_key(key)?;
@@ -484,13 +485,10 @@ impl MapReader {
             },
             BatchError::Layout(e) => BpfError::Layout(e),
         })?;
-        // Kernels before 5.6 (no batch ops): one lookup per key.
-        let keys = if batched {
-            None
-        } else {
-            Some(self.hists.keys())
-        };
-        for key in keys.into_iter().flatten() {
+        if batched {
+            return Ok(hists);
+        }
+        for key in self.hists.keys() {
             let (dev, op) = parse_key(&key)?;
             // A pair is never deleted, so None only means a race with map teardown.
             let Some(per_cpu) =
@@ -509,6 +507,12 @@ impl MapReader {
             }
             hists.push(h);
         }
+        Ok(hists)
+    }
+
+    /// One pass over the maps: O(device/operation pairs), independent of the IO rate.
+    pub fn snapshot(&self) -> Result<Snapshot, BpfError> {
+        let hists = self.read_hists()?;
         let mut lost = [0u64; LOST_REASONS.len()];
         lost[..=LOST_PROGRAM_RECURSION].copy_from_slice(&self.program_losses()?);
         let unobserved = self.unobserved_state().losses();
@@ -571,30 +575,15 @@ impl MapReader {
         groups: &StatGroups,
     ) -> Result<HashMap<u32, [u64; GROUPS]>, BpfError> {
         let mut counts: HashMap<u32, [u64; GROUPS]> = HashMap::new();
-        for key in self.hists.keys() {
-            let (dev, op) = parse_key(&key)?;
+        for h in self.read_hists()? {
             let Some(g) = devs
-                .contains(&dev)
-                .then(|| unobserved::group_of(op, groups.discard, groups.flush))
+                .contains(&h.dev)
+                .then(|| unobserved::group_of(h.op, groups.discard, groups.flush))
                 .flatten()
             else {
                 continue;
             };
-            let Some(per_cpu) =
-                self.hists
-                    .lookup_percpu(&key, MapFlags::ANY)
-                    .map_err(|source| BpfError::MapRead {
-                        map: "hists",
-                        source,
-                    })?
-            else {
-                continue;
-            };
-            let mut h = DeviceOpHist::empty(dev, op);
-            for cpu_value in &per_cpu {
-                h.add_cpu_value(cpu_value)?;
-            }
-            counts.entry(dev).or_default()[g] += h.count();
+            counts.entry(h.dev).or_default()[g] += h.count();
         }
         Ok(counts)
     }
