@@ -158,8 +158,8 @@ def agent(agent_factory):
 
 
 class LoopDevice:
-    def __init__(self, size_bytes, direct_io=True, partscan=False):
-        fd, self.backing = tempfile.mkstemp(prefix="bio-test-", suffix=".img", dir="/dev/shm")
+    def __init__(self, size_bytes, direct_io=True, partscan=False, prefix="bio-test-"):
+        fd, self.backing = tempfile.mkstemp(prefix=prefix, suffix=".img", dir="/dev/shm")
         os.close(fd)
         os.truncate(self.backing, size_bytes)
         args = ["losetup", "--find", "--show"]

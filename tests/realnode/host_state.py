@@ -5,7 +5,7 @@ import glob
 import os
 import subprocess
 
-from realnode import our_bpf_programs
+from realnode import LOOP_PREFIX, our_bpf_programs
 
 # Only a real node runs these; the control plane's programs also run in other suites' clusters, so
 # those count as ours only when their command line names our workdir (see _processes).
@@ -64,7 +64,8 @@ def snapshot():
         "iptables": set(line for line in _out("iptables-save").splitlines() if not line.startswith(("#", ":"))),
         "sysctls": {s: open("/proc/sys/" + s).read().strip() for s in SYSCTLS},
         "paths": {p for p in PATHS if os.path.exists(p)},
-        "loops": set(_out("losetup", "-n", "-O", "NAME,BACK-FILE").splitlines()),
+        "loops": {line for line in _out("losetup", "-n", "-O", "NAME,BACK-FILE").splitlines()
+                  if LOOP_PREFIX in line},
         "bpf": set(our_bpf_programs().values()),
     }
 

@@ -53,6 +53,11 @@ class RealCluster:
         return self.run("ctr", "--address", self.env["CONTAINERD_ADDRESS"], "-n", "k8s.io", *args).stdout
 
 
+# Backing files of this suite's loop devices: the host check counts only these, so loop devices
+# of another suite running on the same host (tests/node) are not taken for leftovers.
+LOOP_PREFIX = "bio-realnode-"
+
+
 def wait_for(predicate, timeout, what, interval=1.0):
     deadline = time.monotonic() + timeout
     last = None
@@ -172,7 +177,7 @@ def make_local_pv(c, pv, claim, namespace, size_mib=64):
     sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
     from node_fixtures import node  # tests/node/conftest.py under its own name
 
-    loop = node.LoopDevice(size_mib << 20)
+    loop = node.LoopDevice(size_mib << 20, prefix=LOOP_PREFIX)
     with open(os.path.join(c.workdir, "loops"), "a") as f:
         f.write(loop.path + "\n")
     mnt = os.path.join(c.workdir, "realnode", "pv", pv)
