@@ -196,23 +196,9 @@ def loop(loop_factory):
 
 
 @pytest.fixture
-def zram():
-    """A zram device of our own, hot-added and removed again."""
-    control = "/sys/class/zram-control/hot_add"
-    if not os.path.exists(control):
-        pytest.skip("SKIPPED LOUDLY: no zram-control in sysfs (kernel without CONFIG_ZRAM)")
-    with open(control) as f:
-        idx = int(f.read().strip())
-    name = f"zram{idx}"
-    with open(f"/sys/block/{name}/disksize", "w") as f:
-        f.write(str(64 << 20))
-    yield name
-    with contextlib.suppress(OSError):
-        with open(f"/sys/block/{name}/reset", "w") as f:
-            f.write("1")
-    with contextlib.suppress(OSError):
-        with open("/sys/class/zram-control/hot_remove", "w") as f:
-            f.write(str(idx))
+def zram(zram_factory):
+    """A zram device of our own (64 MiB), hot-added and removed again."""
+    return zram_factory()
 
 
 def direct_io(path, op, block_size, count, offset=0):
