@@ -236,6 +236,27 @@ def wait_idle(dev, quiet=0.5, timeout=20.0):
     raise AssertionError(f"{dev} did not go idle within {timeout}s: {last}")
 
 
+@contextlib.contextmanager
+def ext4_mounted(loop, mnt, mkfs_options="lazy_itable_init=0,lazy_journal_init=0"):
+    """A fresh ext4 on the loop device, mounted on `mnt` (made here) while the block runs."""
+    sh("mkfs.ext4", "-q", "-E", mkfs_options, loop.path)
+    mnt.mkdir()
+    sh("mount", loop.path, str(mnt))
+    try:
+        yield mnt
+    finally:
+        sh("umount", str(mnt))
+
+
+# Issue 13 item 4: now and then the kernel does not run the programs for a completion (1-4 per
+# run of a few hundred to tens of thousands of IOs here, under load, in every attach mode). The
+# agent finds those by comparing with stat at idle moments, once a second, after a quiet baseline
+# (reason="unobserved_completion", node-agent/src/unobserved.rs), and test_mixed_load.py requires
+# every one reported. The count tests read the agent right after their IO, before that comparison
+# can have run, so they tolerate that many (the shortfalls they guard against are hundreds).
+ITEM4_UNEXPLAINED = 4
+
+
 def require_tool(name):
     if shutil.which(name) is None:
         pytest.fail(f"{name} is not installed: run `make deps`")

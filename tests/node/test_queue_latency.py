@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import read_stat, require_tool, sample, sh, stat_delta
-from test_counts import ITEM4_UNEXPLAINED
+from conftest import ITEM4_UNEXPLAINED
 from test_exposition import contract_block, le_sequence
 
 QUEUE = "ebpf_bio_req_queue_latency"
