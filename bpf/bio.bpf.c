@@ -125,6 +125,12 @@ struct {
  */
 __u64 start_entries = 0;
 __u64 partial_entries = 0;
+/*
+ * Classic tracepoint mode: write completions of no sectors left out (tp_rq_complete()). Some of
+ * them are writes /sys/block/DEV/stat counts; user space takes them off what it finds missing
+ * when it compares with stat, so they are not reported lost.
+ */
+__u64 classic_empty_writes = 0;
 
 static struct hist zero_hist;
 
@@ -715,8 +721,10 @@ int tp_rq_complete(void *ctx)
 	 * pointer) is alike for both, so both are left out: this mode does not count the empty
 	 * writes that /sys/block/DEV/stat counts (README, "What is measured, exactly").
 	 */
-	if (nr_sector == 0 && classic_op_at(ctx, tp_complete_fields.rwbs) == CLASSIC_OP_WRITE)
+	if (nr_sector == 0 && classic_op_at(ctx, tp_complete_fields.rwbs) == CLASSIC_OP_WRITE) {
+		__sync_fetch_and_add(&classic_empty_writes, 1);
 		return 0;
+	}
 
 	if (!take_start(&key, &v)) {
 		count_lost(LOST_NO_START_TIME);

@@ -6,11 +6,15 @@ use std::collections::HashMap;
 
 /// Classic tracepoints only see the rwbs string; these codes mirror CLASSIC_OP_* in bpf/bio_types.h.
 pub const CLASSIC_OP_BASE: u32 = 0x100;
+pub const CLASSIC_READ: u32 = CLASSIC_OP_BASE;
+pub const CLASSIC_WRITE: u32 = CLASSIC_OP_BASE + 1;
+pub const CLASSIC_FLUSH: u32 = CLASSIC_OP_BASE + 2;
+pub const CLASSIC_DISCARD: u32 = CLASSIC_OP_BASE + 3;
 const CLASSIC_OPS: [(u32, &str); 5] = [
-    (CLASSIC_OP_BASE, "read"),
-    (CLASSIC_OP_BASE + 1, "write"),
-    (CLASSIC_OP_BASE + 2, "flush"),
-    (CLASSIC_OP_BASE + 3, "discard"),
+    (CLASSIC_READ, "read"),
+    (CLASSIC_WRITE, "write"),
+    (CLASSIC_FLUSH, "flush"),
+    (CLASSIC_DISCARD, "discard"),
     (CLASSIC_OP_BASE + 0xff, "other"),
 ];
 

@@ -10,9 +10,9 @@
 //! then stat again: with nothing in flight both times and no counter moved, the disk was idle
 //! across the read. A disk's first such check after it was quiet for a whole check interval is its
 //! baseline; at every later idle check the loss since the baseline is
-//! `(S − A) − (S0 − A0)` per group, less what the programs reported lost in that window (those
-//! reasons are not per disk: preferring to under-report, every loss reported anywhere is taken
-//! off). A loss never un-happens, so each disk's figure only ratchets up. A disk that is never
+//! `(S − A) − (S0 − A0)` per group, less what went missing for a known reason in that window:
+//! the programs' reported losses and, in classic tracepoint mode, the empty writes it leaves out
+//! (neither is per disk: preferring to under-report, all of them are taken off). A loss never un-happens, so each disk's figure only ratchets up. A disk that is never
 //! idle reports its losses at its first idle moment.
 //!
 //! The arithmetic is here, apart from sysfs and the maps, so it is tested without a kernel.
@@ -55,10 +55,20 @@ pub fn parse_stat(text: &str) -> Option<DiskStat> {
 
 /// The stat group of an operation code of the running kernel (`op_stat_group()`: discards apart,
 /// every other operation with the write bit (the low bit of REQ_OP_*) a write, the rest reads),
-/// flushes apart as stat counts them. Classic-tracepoint codes have no group.
+/// flushes apart as stat counts them. Classic-tracepoint codes group as their names say; their
+/// "other" (rwbs "N": write-zeroes, zone operations) may be either group, so it has none.
 pub fn group_of(op: u32, discard: Option<u32>, flush: Option<u32>) -> Option<usize> {
-    if op >= crate::ops::CLASSIC_OP_BASE {
-        None
+    use crate::ops::{
+        CLASSIC_DISCARD, CLASSIC_FLUSH, CLASSIC_OP_BASE, CLASSIC_READ, CLASSIC_WRITE,
+    };
+    if op >= CLASSIC_OP_BASE {
+        match op {
+            CLASSIC_READ => Some(READ),
+            CLASSIC_WRITE => Some(WRITE),
+            CLASSIC_FLUSH => Some(FLUSH),
+            CLASSIC_DISCARD => Some(DISCARD),
+            _ => None,
+        }
     } else if Some(op) == discard {
         Some(DISCARD)
     } else if Some(op) == flush {
@@ -78,7 +88,9 @@ pub struct Reading {
     pub before: DiskStat,
     /// The agent's completions of the disk per group.
     pub agent: [u64; GROUPS],
-    /// Every loss the programs reported (any disk, every per-IO reason).
+    /// Completions missing from `agent` for a known reason: every loss the programs reported (any
+    /// disk, every per-IO reason), the disk's operations that have no group, and the empty
+    /// writes classic tracepoint mode leaves out (any disk).
     pub reported: u64,
     pub after: DiskStat,
 }
@@ -257,7 +269,13 @@ mod tests {
         assert_eq!(g(34), Some(READ), "drv_in");
         assert_eq!(g(3), Some(DISCARD));
         assert_eq!(g(2), Some(FLUSH));
-        assert_eq!(g(0x101), None, "classic-tracepoint codes");
+        let classic = g;
+        assert_eq!(
+            [0x100, 0x101, 0x102, 0x103].map(classic),
+            [Some(READ), Some(WRITE), Some(FLUSH), Some(DISCARD)],
+            "classic-tracepoint codes"
+        );
+        assert_eq!(classic(0x1ff), None, "rwbs N: read or write, unknown");
     }
 
     #[test]
