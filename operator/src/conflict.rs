@@ -6,7 +6,7 @@
 //! at all. Blocked monitors cover no nodes, so they never block later ones.
 //! Monitors being deleted do not count, so a successor starts right away.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use kube::ResourceExt;
@@ -92,15 +92,6 @@ fn runs_on_with(selector: &BTreeMap<String, String>, spec: &BioMonitorSpec, node
                     .iter()
                     .any(|(key, effect)| *key == taint.key && *effect == taint.effect)
         })
-}
-
-pub fn selected_nodes(spec: &BioMonitorSpec, nodes: &[&Node]) -> BTreeSet<String> {
-    let selector = effective_node_selector(spec);
-    nodes
-        .iter()
-        .filter(|n| runs_on_with(&selector, spec, n))
-        .map(|n| n.name_any())
-        .collect()
 }
 
 /// `namespace/name`, the key of a BioMonitor in verdict maps and messages.
