@@ -7,21 +7,10 @@ import subprocess
 
 import pytest
 
-from conftest import AGENT_BIN, Agent, direct_io, read_stat, sample, sh, stat_delta, wait_for
-
-OUR_PROGRAMS = {"btf_rq_issue", "btf_rq_complete", "btf_bio_queue", "btf_bio_complete", "raw_rq_issue",
-                "raw_rq_complete", "raw_bio_queue", "raw_bio_complete", "tp_rq_issue", "tp_rq_complete",
-                "kp_rq_issue", "kp_rq_complete"}
-
-
-def run_agent(*args, timeout=20, wrapper=()):
-    return subprocess.run([*wrapper, AGENT_BIN, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def attached_program_ids():
-    out = sh("bpftool", "-j", "prog", "list").stdout
-    import json
-    return {p["id"] for p in json.loads(out) if p.get("name") in OUR_PROGRAMS}
+from biotest.agent import AGENT_BIN, Agent, attached_program_ids, run_agent
+from biotest.blockdev import direct_io, read_stat, stat_delta
+from biotest.exposition import sample
+from biotest.util import sh, wait_for
 
 
 def test_least_privilege_bpf_and_perfmon_on_a_read_only_binary(loop, tmp_path):

@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from conftest import AGENT_BIN, Agent
-from kube_cluster import agent_env, running_cluster
+from biotest.agent import AGENT_BIN, Agent
+from biotest.cluster import agent_env, running_cluster
 
 NS = "bio-auth"
 METRICS_TYPE_LINE = "# TYPE ebpf_bio_req_latency histogram"

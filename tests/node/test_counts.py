@@ -8,8 +8,11 @@ import re
 import pytest
 import yaml
 
-from conftest import (ITEM4_UNEXPLAINED, REPO, direct_io, ext4_mounted, read_stat, require_tool, sample, sh,
-                      stat_delta, wait_for, wait_idle)
+from biotest import REPO
+from biotest.agent import ITEM4_UNEXPLAINED
+from biotest.blockdev import direct_io, ext4_mounted, read_stat, stat_delta, wait_idle
+from biotest.exposition import sample
+from biotest.util import require_tool, sh, wait_for
 
 # Modes that attach on a kernel with BTF and tracefs; kprobe has its own test (compiled out here).
 MODES = ["tp_btf", "raw_tp", "tracepoint"]

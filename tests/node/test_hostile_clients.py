@@ -12,8 +12,9 @@ import uuid
 
 import pytest
 
-from conftest import Agent, require_tool, wait_for
-from test_agent_process import attached_program_ids
+from biotest.agent import Agent, attached_program_ids
+from biotest.tls import SERVER_NAME, make_ca, make_cert
+from biotest.util import require_tool, wait_for
 
 # A head that never ends: no blank line ever follows.
 PARTIAL_HEAD = b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Slow: "
@@ -231,7 +232,6 @@ def test_sigterm_with_clients_holding_partial_heads_exits_and_detaches(loop):
 def test_tls_handshakes_that_never_finish_are_cut_and_a_tls_scrape_gets_through(agent_factory, tmp_path):
     """Over TLS the slow part can be the handshake itself; it has the same timeout and slots."""
     import ssl
-    from test_tls import SERVER_NAME, make_ca, make_cert
     require_tool("openssl")
     make_ca(tmp_path)
     cert, key = make_cert(tmp_path, "agent")

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from conftest import CompletionTrace, read_stat, require_tool, sample, sh, stat_delta, wait_idle
+from biotest.blockdev import CompletionTrace, read_stat, stat_delta, wait_idle
+from biotest.exposition import sample
+from biotest.util import require_tool, sh
 
 LAT = "ebpf_bio_req_latency"
 SECONDS = 10

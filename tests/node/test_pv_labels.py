@@ -22,9 +22,13 @@ import uuid
 import pytest
 import yaml
 
-from conftest import REPO, Agent, direct_io, parse_metrics, read_stat, sample, sh, stat_delta
-from kube_cluster import agent_env, running_cluster
-from pv_node import NODE, Node, create_pv, mkfs, mounts_under, rebind
+from biotest import REPO
+from biotest.agent import Agent
+from biotest.blockdev import direct_io, read_stat, stat_delta
+from biotest.exposition import parse_metrics, sample
+from biotest.util import sh
+from biotest.cluster import agent_env, running_cluster
+from biotest.kubelet import NODE, Node, create_pv, mkfs, mounts_under, rebind
 
 CHART = os.path.join(REPO, "charts", "bio-exporter")
 RUN = uuid.uuid4().hex[:6]  # in every API object name: a leftover of another run never matches

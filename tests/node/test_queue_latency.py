@@ -5,9 +5,10 @@ import subprocess
 
 import pytest
 
-from conftest import read_stat, require_tool, sample, sh, stat_delta
-from conftest import ITEM4_UNEXPLAINED
-from test_exposition import contract_block, le_sequence
+from biotest.agent import ITEM4_UNEXPLAINED
+from biotest.blockdev import read_stat, stat_delta
+from biotest.exposition import contract_block, le_sequence, sample
+from biotest.util import require_tool, sh
 
 QUEUE = "ebpf_bio_req_queue_latency"
 LAT = "ebpf_bio_req_latency"

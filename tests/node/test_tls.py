@@ -7,26 +7,9 @@ import time
 
 import pytest
 
-from conftest import Agent, require_tool, sh
-
-SERVER_NAME = "bio-agent.test"
-
-
-def make_ca(d):
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=bio-test-ca",
-       "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")
-
-
-def make_cert(d, name):
-    """A serving certificate for SERVER_NAME and 127.0.0.1, signed by the test CA."""
-    ext = f"{d}/{name}.ext"
-    with open(ext, "w") as f:
-        f.write(f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-       "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr")
-    sh("openssl", "x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
-       "-CAcreateserial", "-days", "1", "-extfile", ext, "-out", f"{d}/{name}.crt")
-    return f"{d}/{name}.crt", f"{d}/{name}.key"
+from biotest.agent import AGENT_BIN, Agent
+from biotest.tls import SERVER_NAME, make_ca, make_cert
+from biotest.util import require_tool
 
 
 def install(src_cert, src_key, cert, key):
@@ -86,13 +69,11 @@ def test_tls_scrape_verifies_and_rotates_without_restart(pki):
 
 
 def test_tls_flags_must_come_together():
-    from conftest import AGENT_BIN
     r = subprocess.run([AGENT_BIN, "--tls-cert-file", "/x.crt"], capture_output=True, text=True)
     assert r.returncode == 2 and "--tls-key-file" in r.stderr
 
 
 def test_unreadable_certificate_is_a_clear_error(tmp_path):
-    from conftest import AGENT_BIN
     r = subprocess.run([AGENT_BIN, "--listen", "127.0.0.1:0", "--tls-cert-file", str(tmp_path / "missing.crt"),
                         "--tls-key-file", str(tmp_path / "missing.key")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "loading TLS certificate" in r.stderr, r.stderr

@@ -29,10 +29,12 @@ import sys
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from node_fixtures import node  # noqa: E402
-from promserver import (PROMETHEUS2, PROMETHEUS3, PROTOBUF_ACCEPT, PrometheusServer,  # noqa: E402
-                        binary_version)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from biotest.agent import AGENT_BIN, Agent  # noqa: E402
+from biotest.blockdev import LoopDevice, direct_io  # noqa: E402
+from biotest.exposition import PROTOBUF_ACCEPT  # noqa: E402
+from biotest.prometheus import PROMETHEUS2, PROMETHEUS3, PrometheusServer, binary_version  # noqa: E402
+from biotest.util import sh  # noqa: E402
 
 TEXT_ACCEPT = "text/plain;version=0.0.4"
 
@@ -70,10 +72,10 @@ def time_scrapes(agent, accept, n, warmup=3):
 
 
 def issue_io(dev):
-    node.direct_io(dev.path, "read", 4096, 4)
-    node.sh("dd", "if=/dev/zero", f"of={dev.path}", "bs=65536", "count=4", "oflag=direct",
+    direct_io(dev.path, "read", 4096, 4)
+    sh("dd", "if=/dev/zero", f"of={dev.path}", "bs=65536", "count=4", "oflag=direct",
             "conv=fsync", "status=none")
-    node.sh("blkdiscard", "-o", str(8 << 20), "-l", str(1 << 20), dev.path)
+    sh("blkdiscard", "-o", str(8 << 20), "-l", str(1 << 20), dev.path)
 
 
 def prometheus_figures(binary, agent, label, native, interval, settle_scrapes=6):
@@ -134,7 +136,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=64)
     ap.add_argument("--scrapes", type=int, default=50, help="timed client scrapes per format")
-    ap.add_argument("--agent", default=node.AGENT_BIN, help="node-agent binary (default %(default)s)")
+    ap.add_argument("--agent", default=AGENT_BIN, help="node-agent binary (default %(default)s)")
     ap.add_argument("--prometheus2", default=PROMETHEUS2)
     ap.add_argument("--prometheus3", default=PROMETHEUS3)
     ap.add_argument("--interval", type=int, default=2, help="Prometheus scrape interval = timeout, s")
@@ -143,15 +145,15 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench_scrape.py: run as root (it loads BPF and makes loop devices)")
     if not os.path.isdir("/sys/kernel/tracing/events/block"):
-        node.sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
+        sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
 
     devs, agent = [], None
     result = {"machine": machine(), "devices": args.devices, "agent": args.agent}
     try:
         for _ in range(args.devices):
-            devs.append(node.LoopDevice(16 << 20))
+            devs.append(LoopDevice(16 << 20))
         names = [d.name for d in devs]
-        agent = node.Agent(["--device-include", "^(" + "|".join(names) + ")$"], binary=args.agent)
+        agent = Agent(["--device-include", "^(" + "|".join(names) + ")$"], binary=args.agent)
         t0 = time.time()
         for d in devs:
             issue_io(d)

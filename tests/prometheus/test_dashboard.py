@@ -33,74 +33,23 @@ import threading
 
 import pytest
 
-from node_fixtures import node
-from promserver import PROMETHEUS2, PROMETHEUS3, PrometheusServer
-from test_scrape import (NODE, agent_counts, agent_le, agent_serves_protobuf, issue_io,
-                         scrape_config, wait_counts_stored, wait_target_up)
+from biotest import REPO
+from biotest.blockdev import LoopDevice
+from biotest.agent import Agent
+from biotest.dashboard import (CHART, DASHBOARD_PATH, DS, HISTOGRAMS, TEMPLATE_VARS, VAR_RE, api, check_response,
+                               dashboard_targets, forms, load_dashboard, substitute, walk_panels)
+from biotest.prometheus import (NODE, PROMETHEUS2, PROMETHEUS3, PrometheusServer, agent_counts, agent_le,
+                                agent_serves_protobuf, issue_io, scrape_config, wait_counts_stored, wait_target_up)
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CHART = os.path.join(REPO, "charts", "bio-exporter")
-DASHBOARD_PATH = os.path.join(CHART, "dashboards", "bio-exporter.json")
 CONFIGMAP_TEMPLATE = "templates/dashboard-configmap.yaml"
 DATA_KEY = "bio-exporter.json"
-DS = {"type": "prometheus", "uid": "${datasource}"}
-
-# The histogram families after `ebpf_bio_req_`: the seed's two and the queue time.
-HISTOGRAMS = "(?:queue_latency|latency|size)"
-GRAFANA_BUILTINS = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s"}
-TEMPLATE_VARS = ("node", "device", "operation")
 SERVERS = ["prometheus2", "prometheus3"]
 
 # Stand-in for the info metric the agent will export for devices backing a PersistentVolume.
 PVC_INFO = {"persistentvolume": "pv-dashboard-test", "persistentvolumeclaim": "data-0",
             "namespace": "ns-dashboard-test", "storageclass": "sc-test", "shared": "false"}
 
-
-# ------------------------------------------------------------------------------ the dashboard
-
-def load_dashboard():
-    with open(DASHBOARD_PATH) as f:
-        return json.load(f)
-
-
-def walk_panels(panels):
-    """Every panel, rows and the panels inside collapsed rows included."""
-    for p in panels:
-        yield p
-        yield from walk_panels(p.get("panels", []))
-
-
-def dashboard_targets(dashboard=None):
-    """[(id, panel, target)] for every target with an expr."""
-    out = []
-    for p in walk_panels((dashboard or load_dashboard())["panels"]):
-        for t in p.get("targets", []):
-            if "expr" in t:
-                tid = re.sub(r"[^A-Za-z0-9]+", "_", f"{p['id']}-{p['title']}").strip("_")
-                out.append((f"{tid}-{t['refId']}", p, t))
-    return out
-
-
 TARGETS = dashboard_targets()
-VAR_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
-
-
-def substitute(expr, values):
-    """expr with Grafana's variables replaced; an unknown variable fails."""
-    def repl(m):
-        name = m.group(1) or m.group(2) or m.group(3)
-        if name in GRAFANA_BUILTINS:
-            return GRAFANA_BUILTINS[name]
-        assert name in values, f"unknown variable ${name} in {expr!r}"
-        return values[name]
-    return VAR_RE.sub(repl, expr)
-
-
-def forms(expr):
-    """(reads classic series, reads native histograms, reads ebpf_bio_device_info)."""
-    classic = re.search(rf"\bebpf_bio_req_{HISTOGRAMS}_(bucket|count|sum)\b", expr) is not None
-    native = re.search(rf"\bebpf_bio_req_{HISTOGRAMS}\s*\{{", expr) is not None
-    return classic, native, "ebpf_bio_device_info" in expr
 
 
 LE_MATCHER_RE = re.compile(r"\ble\s*(=~|!~|!=|=)")
@@ -309,10 +258,10 @@ def stack():
     s = Stack()
     cleanup = []
     try:
-        loop = node.LoopDevice(64 << 20)
+        loop = LoopDevice(64 << 20)
         cleanup.append(loop.detach)
         s.dev = loop.name
-        agent = node.Agent(["--device-include", f"^{loop.name}$"])
+        agent = Agent(["--device-include", f"^{loop.name}$"])
         cleanup.append(agent.stop)
 
         if not os.access(PROMETHEUS2, os.X_OK):
@@ -394,19 +343,6 @@ def variable_sets(stack):
         # As Grafana formats a multi-value selection for a regex matcher.
         "selected": {"node": NODE, "device": stack.dev, "operation": "(read|write)"},
     }
-
-
-def api(prom, path, **params):
-    """The whole response document (data, warnings, infos); fails on an error status."""
-    status, body = prom._get("/api/v1/" + path, params)
-    doc = json.loads(body)
-    assert status == 200 and doc.get("status") == "success", f"{path} {params}: {status} {body}"
-    return doc
-
-
-def check_response(doc, what):
-    assert not doc.get("warnings"), f"{what}: warnings {doc['warnings']}"
-    assert not doc.get("infos"), f"{what}: infos {doc['infos']}"
 
 
 def sample_values(result):

@@ -10,18 +10,16 @@ scrapes the same agent with Prometheus' defaults, to show what the ServiceMonito
 (and that these assertions can fail). The dashboard's per-PVC table runs on the stored data.
 """
 import contextlib
-import os
-import sys
 
 import pytest
 
-from node_fixtures import node
-from promserver import prometheus_binary
-from test_dashboard import dashboard_targets, substitute, TEMPLATE_VARS
-
-sys.path.insert(0, os.path.join(node.REPO, "tests", "node"))
-import kube_cluster  # noqa: E402
-from pv_node import NODE, Node, create_pv, mkfs  # noqa: E402
+from biotest import cluster as kube_cluster
+from biotest.agent import Agent
+from biotest.blockdev import LoopDevice, direct_io
+from biotest.dashboard import TEMPLATE_VARS, dashboard_targets, substitute
+from biotest.kubelet import NODE, Node, create_pv, mkfs
+from biotest.prometheus import prometheus_binary
+from biotest.util import sh, wait_for
 
 SERVERS = ["prometheus2", "prometheus3"]
 TARGET_NAMESPACE = "monitoring"  # the agent pod's namespace, a target label under the operator
@@ -46,7 +44,7 @@ def stack(tmp_path_factory):
         cluster.kubectl("create", "namespace", NS)
         create_pv(cluster, PV, (NS, CLAIM), storage_class=CLASS, handle=HANDLE)
 
-        a, b = node.LoopDevice(64 << 20), node.LoopDevice(64 << 20)
+        a, b = LoopDevice(64 << 20), LoopDevice(64 << 20)
         undo.callback(a.detach)
         undo.callback(b.detach)
         mkfs(a.path)
@@ -55,18 +53,18 @@ def stack(tmp_path_factory):
         undo.callback(kubelet.cleanup)
         mnt = kubelet.csi_pod_volume(kubelet.pod(), PV, dev=a.path, handle=HANDLE)
 
-        agent = node.Agent(["--device-include", f"^({a.name}|{b.name})$", "--pv-labels", "--kubelet-root", root],
+        agent = Agent(["--device-include", f"^({a.name}|{b.name})$", "--pv-labels", "--kubelet-root", root],
                            env=kube_cluster.agent_env(cluster.env["KUBECONFIG"]))
         undo.callback(agent.stop)
         # Both devices do IO before any Prometheus starts, so every series exists at the first scrape.
-        node.sh("dd", "if=/dev/zero", f"of={mnt}/data", "bs=64k", "count=16", "oflag=direct", "status=none")
-        node.direct_io(b.path, "write", 4096, 16)
+        sh("dd", "if=/dev/zero", f"of={mnt}/data", "bs=64k", "count=16", "oflag=direct", "status=none")
+        direct_io(b.path, "write", 4096, 16)
 
         def labelled():
             rows = [s for s in agent.samples() if s[0] == "ebpf_bio_req_latency_count"]
             return any(labels.get("device") == a.name and labels.get("persistentvolumeclaim") == CLAIM
                        for _, labels, _ in rows)
-        node.wait_for(labelled, 30, f"{a.name}'s series labelled with {CLAIM}")
+        wait_for(labelled, 30, f"{a.name}'s series labelled with {CLAIM}")
         yield {"agent": agent, "a": a.name, "b": b.name, "mnt": mnt}
 
 
@@ -118,7 +116,7 @@ def test_dashboard_per_pvc_table_on_real_labels(stack, server, prometheus_factor
     prom.wait_for(lambda: len(prom.query(f'ebpf_bio_req_latency_count{{device="{a}"}}[1m]')) > 0
                   and len(prom.query(f'ebpf_bio_req_latency_count{{device="{a}"}}[1m]')[0]["values"]) >= 2,
                   30, "two scrapes stored")
-    node.sh("dd", "if=/dev/zero", f"of={stack['mnt']}/more", "bs=64k", "count=16", "oflag=direct", "status=none")
+    sh("dd", "if=/dev/zero", f"of={stack['mnt']}/more", "bs=64k", "count=16", "oflag=direct", "status=none")
     tables = [t for _, panel, t in dashboard_targets() if panel["type"] == "table"
               and "ebpf_bio_device_info" in t["expr"]]
     assert tables, "the dashboard has per-PVC table queries"

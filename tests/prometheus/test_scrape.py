@@ -7,43 +7,21 @@ Debian's Prometheus 2.42 (/usr/bin/prometheus) and a current 3.x (BIO_PROMETHEUS
 build.sh). See README.md beside this file for what each server stores.
 """
 import math
-import time
-import urllib.request
 
 import pytest
 
-from node_fixtures import node
-from promserver import PROTOBUF_ACCEPT, normalized_le, prometheus_binary
-
-direct_io = node.direct_io
-parse_metrics = node.parse_metrics
+from biotest.exposition import normalized_le
+from biotest.prometheus import (NODE, agent_counts, agent_le, agent_serves_protobuf, issue_io, prometheus_binary,
+                                scrape_config, wait_counts_stored, wait_target_up)
 
 SERVERS = ["prometheus2", "prometheus3"]
-READ_BS = 4 << 10    # 4 KiB: size bucket le=4, so a quantile in (2, 4]
-WRITE_BS = 64 << 10  # 64 KiB: size bucket le=64, so a quantile in (32, 64]
+# issue_io's 4 KiB reads and 64 KiB writes: size buckets le=4 and le=64, so a median in (2, 4]
+# and in (32, 64].
 EXPECTED_SIZE_BUCKET = {"read": (2.0, 4.0), "write": (32.0, 64.0)}
-IO_SECONDS = 3.5     # > 3 scrape intervals of 1 s
 SERIES_LABELS = {"__name__", "device", "operation", "node", "instance", "job"}
-NODE = "test-node"   # the agent fixture's --node-name
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-def scrape_config(agent, job="bio", **extra):
-    return {"job_name": job, "scrape_interval": "1s", "scrape_timeout": "1s",
-            "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}], **extra}
-
-
-def wait_target_up(prom, job="bio"):
-    prom.wait_for(lambda: prom.scalar(f'up{{job="{job}"}}') == 1.0, 20, f"target {job} up")
-
-
-def agent_serves_protobuf(agent):
-    req = urllib.request.Request(agent.url + "/metrics", headers={"Accept": PROTOBUF_ACCEPT})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        r.read()
-        return r.headers.get("Content-Type", "")
-
 
 def require_protobuf(agent):
     ctype = agent_serves_protobuf(agent)
@@ -51,46 +29,6 @@ def require_protobuf(agent):
         pytest.skip("SKIPPED LOUDLY: agent has no protobuf exposition yet "
                     f"(asked for protobuf, got Content-Type {ctype!r}); native histograms cannot "
                     "be scraped")
-
-
-def issue_io(loop):
-    """4 KiB O_DIRECT reads and 64 KiB O_DIRECT writes for IO_SECONDS, i.e. across more than
-    three 1 s scrapes."""
-    start = time.time()
-    rounds = 0
-    while time.time() - start < IO_SECONDS:
-        direct_io(loop.path, "read", READ_BS, 32, offset=(rounds % 64) * 32 * READ_BS)
-        direct_io(loop.path, "write", WRITE_BS, 4, offset=(rounds % 64) * 4 * WRITE_BS)
-        rounds += 1
-    return rounds
-
-
-def agent_counts(agent, dev):
-    """{operation: ebpf_bio_req_size_count} as the agent serves it now."""
-    return {labels["operation"]: value for name, labels, value in agent.samples()
-            if name == "ebpf_bio_req_size_count" and labels.get("device") == dev}
-
-
-def agent_le(agent, metric):
-    """The le strings the agent exposes for metric (text format), in its order."""
-    seen = []
-    for name, labels, _ in parse_metrics(agent.metrics_text()):
-        if name == metric + "_bucket" and labels["le"] not in seen:
-            seen.append(labels["le"])
-    return seen
-
-
-def wait_counts_stored(prom, dev, counts, native=False):
-    """Waits until Prometheus stored a scrape taken after the IO: its counts equal the agent's."""
-    def stored():
-        for op, want in counts.items():
-            sel = f'{{device="{dev}",operation="{op}"}}'
-            expr = (f"histogram_count(ebpf_bio_req_size{sel})" if native
-                    else f"ebpf_bio_req_size_count{sel}")
-            if prom.scalar(expr) != want:
-                return False
-        return True
-    prom.wait_for(stored, 15, f"stored counts to reach the agent's {counts}")
 
 
 def bucket_index(q):

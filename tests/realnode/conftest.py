@@ -8,10 +8,8 @@ import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from realnode import CLUSTER, RealCluster  # noqa: E402
-from host_state import snapshot  # noqa: E402
+from biotest.host_state import snapshot
+from biotest.realnode import CLUSTER, RealCluster
 
 IMAGES = [a for a in os.environ.get("BIO_IMAGE_ARCHIVES", "").split(":") if a]
 # One user's session, in this order; the last module tears the cluster down and checks the host.

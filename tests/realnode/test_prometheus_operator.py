@@ -23,7 +23,7 @@ The module runs after test_real_node.py (conftest MODULE_ORDER) and also alone
 the release is missing, and makes its own loop device, local PV and PVC. It deletes its
 BioMonitors (agents gone), the writer pod, PVC, PV and namespace, and the metrics-reader binding
 at the end; the Prometheus Operator and Prometheus stay until down.sh. Timings go to the
-measurements file through test_real_node.record (docs/prometheus-operator.md), never into asserts.
+measurements file through biotest.realnode.record (docs/prometheus-operator.md), never into asserts.
 """
 import calendar
 import json
@@ -38,14 +38,12 @@ import urllib.parse
 import pytest
 import yaml
 
-import test_real_node as trn
-from realnode import CLUSTER, NODE, REPO, make_local_pv, readme_quickstart, wait_for
-from test_real_node import (AGENTS_NS, OPERATOR_NS, apply_biomonitor, delete_biomonitor_and_wait_clean, ready_agent,
-                            record)
-
-sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
-import test_dashboard as dash  # noqa: E402  the dashboard's expressions, extracted as tests/prometheus does
-from node_fixtures import node  # noqa: E402  tests/node/conftest.py: LoopDevice, /sys/block stat
+from biotest import dashboard as dash
+from biotest import realnode as rn
+from biotest.blockdev import read_stat
+from biotest.realnode import (AGENTS_NS, CLUSTER, NODE, OPERATOR_NS, apply_biomonitor,
+                              delete_biomonitor_and_wait_clean, make_local_pv, readme_quickstart, ready_agent, record,
+                              wait_for)
 
 ARCHIVES = [a for a in os.environ.get("BIO_PROM_ARCHIVES", "").split(":") if a]
 OPERATOR_DIR = os.environ.get("BIO_PROM_OPERATOR_DIR", "")
@@ -219,9 +217,9 @@ def stack(cluster):
         "builds Prometheus Operator (tests/cluster/prometheus-operator/build.sh) and its images "
         "(tests/cluster/images/build-prometheus.sh)")
     # Run alone, test_real_node recorded nothing this session: keep its last figures in the file.
-    if not trn.measured and os.path.exists(trn.MEASUREMENTS):
-        with open(trn.MEASUREMENTS) as f:
-            trn.measured.update(json.load(f))
+    if not rn.measured and os.path.exists(rn.MEASUREMENTS):
+        with open(rn.MEASUREMENTS) as f:
+            rn.measured.update(json.load(f))
     s = Stack()
     s.c = c
     s.versions = versions()
@@ -541,7 +539,7 @@ def test_dashboard_promql_returns_data(stack):
         assert t_eval - start >= 30, f"{name}: the scrape at {t_eval} is too early in the IO window {s.io_window}"
         s.t_eval[name] = t_eval
         stores_native = name == "native"
-        for tid, panel, target in dash.TARGETS:
+        for tid, panel, target in dash.dashboard_targets():
             classic, native, _info = dash.forms(target["expr"])
             expect = classic or stores_native or not native
             for vname, values in {"all": dict.fromkeys(dash.TEMPLATE_VARS, ".*"),
@@ -636,16 +634,16 @@ def test_native_histograms_stored_and_agree_with_classic(stack):
 
     # At rest, the two Prometheus pods (separate scrapes, text vs protobuf) hold the same counts.
     def idle():
-        s1 = node.read_stat(dev)
+        s1 = read_stat(dev)
         time.sleep(3 * SCRAPE_INTERVAL_S)
-        return s1 if node.read_stat(dev) == s1 else None
+        return s1 if read_stat(dev) == s1 else None
     before = wait(c, idle, 120, f"{dev} idle for {3 * SCRAPE_INTERVAL_S} s")
     for op in ("read", "write"):
         sel = f'{{device="{dev}",operation="{op}",persistentvolumeclaim="{PVC}"}}'
         (cc,) = classic.values(f"ebpf_bio_req_latency_count{sel}")
         (nc,) = native.values(f"histogram_count(ebpf_bio_req_latency{sel})")
         assert cc == nc and cc > 0, f"{op}: classic Prometheus {cc}, native Prometheus {nc}"
-    assert node.read_stat(dev) == before, f"{dev} was not idle during the comparison"
+    assert read_stat(dev) == before, f"{dev} was not idle during the comparison"
 
 
 def _scrape_cost(p, job):
@@ -691,7 +689,7 @@ def test_scrape_cost_and_the_classic_histograms_switch(stack):
     record(M + "scrape_duration_ms_avg_native_only", avg_ms)
     record(M + "scrape_duration_ms_max_native_only", max_ms)
     record(M + "scrape_samples_native_only", samples)
-    both = trn.measured.get(M + "scrape_samples_native_and_classic")
+    both = rn.measured.get(M + "scrape_samples_native_and_classic")
     assert both is None or samples < both, f"native only: {samples} samples per scrape, with classic: {both}"
 
 

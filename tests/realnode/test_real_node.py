@@ -7,95 +7,17 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 
 import pytest
 import yaml
 
-from realnode import (CAP_BPF, CAP_PERFMON, NODE, REPO, cap_set, docs_example_biomonitor, make_local_pv,
-                      our_bpf_links, our_bpf_programs, proc_status, readme_quickstart, root_mount_options, wait_for)
-
-sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
-from node_fixtures import node  # noqa: E402  tests/node/conftest.py: exposition parsing, /sys/block stat
-
-AGENTS_NS = "bio-exporter-agents"
-OPERATOR_NS = "bio-exporter"
-MEASUREMENTS = os.environ.get("BIO_REALNODE_MEASUREMENTS",
-                              os.path.expanduser("~/.cache/bio-exporter/realnode-measurements.json"))
-measured = {}
-
-
-def record(key, value):
-    """Add one figure to the measurements file (other modules' figures in it are kept)."""
-    try:
-        with open(MEASUREMENTS) as f:
-            measured.update({k: v for k, v in json.load(f).items() if k not in measured})
-    except (OSError, ValueError):
-        pass
-    measured[key] = value
-    with open(MEASUREMENTS, "w") as f:
-        json.dump(measured, f, indent=2, sort_keys=True)
-
-
-# ------------------------------------------------------------------------------------ helpers --
-
-def agent_pods(c, monitor=None):
-    pods = c.get("pods", "-n", AGENTS_NS)["items"]
-    # The DaemonSet's selector labels (operator/src/names.rs): name = the app, instance = the monitor.
-    def ours(labels):
-        return labels.get("app.kubernetes.io/name") == "bio-exporter-agent" and \
-            (monitor is None or labels.get("app.kubernetes.io/instance") == monitor)
-    return [p for p in pods if ours(p["metadata"].get("labels", {})) and not p["metadata"].get("deletionTimestamp")]
-
-
-def ready_agent(c, monitor, timeout=180):
-    """The one Ready agent pod of `monitor` on the real node."""
-    def ready():
-        pods = agent_pods(c, monitor)
-        ok = [p for p in pods if p["spec"].get("nodeName") == NODE and p["status"].get("phase") == "Running"
-              and any(cs.get("ready") for cs in p["status"].get("containerStatuses", []))]
-        return ok[0] if len(ok) == 1 and len(pods) == 1 else None
-    return wait_for(ready, timeout, f"one Ready agent pod of {monitor} on {NODE}")
-
-
-def container_pid(c, pod):
-    """Host PID of the pod's agent container (its init process), from containerd."""
-    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-    out = c.ctr("tasks", "ls")
-    for line in out.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == cid:
-            return int(fields[1])
-    raise AssertionError(f"container {cid} not in containerd's tasks:\n{out}")
-
-
-def scrape(c, pod, path="/metrics"):
-    code, body = c.http(f"http://{pod['status']['podIP']}:9435{path}")
-    assert code == 200, f"GET {path} on {pod['metadata']['name']}: {code} {body[:300]}"
-    return body
-
-
-def biomonitor_status(c, name):
-    return c.get("biomonitor", name, "-n", AGENTS_NS).get("status", {})
-
-
-def condition(status, ctype):
-    return next((x for x in status.get("conditions", []) if x["type"] == ctype), {})
-
-
-def apply_biomonitor(c, manifest):
-    c.kubectl("apply", "-f", "-", stdin=manifest)
-    return yaml.safe_load(manifest)["metadata"]["name"]
-
-
-def delete_biomonitor_and_wait_clean(c, name):
-    c.kubectl("delete", "biomonitor", name, "-n", AGENTS_NS, "--wait=true", "--timeout=120s")
-    wait_for(lambda: not agent_pods(c, name) and not c.get("pods", "-n", AGENTS_NS)["items"], 120,
-             f"the pods of {name} to be gone")
-    wait_for(lambda: not our_bpf_programs(), 30, "our BPF programs to be unloaded")
-    assert not our_bpf_links(), "BPF links of ours left attached"
-
+from biotest.blockdev import read_stat, stat_delta
+from biotest.exposition import parse_metrics, sample
+from biotest.realnode import (AGENTS_NS, CAP_BPF, CAP_PERFMON, NODE, OPERATOR_NS, apply_biomonitor, biomonitor_status,
+                              cap_set, condition, container_pid, delete_biomonitor_and_wait_clean,
+                              docs_example_biomonitor, make_local_pv, our_bpf_links, our_bpf_programs, proc_status,
+                              readme_quickstart, ready_agent, record, root_mount_options, scrape, wait_for)
 
 # -------------------------------------------------------------------------------------- tests --
 
@@ -150,8 +72,8 @@ def test_readme_biomonitor_runs_an_agent_pod_with_least_privilege(cluster):
     assert st["Seccomp"].strip() == "2", f"RuntimeDefault but Seccomp: {st['Seccomp']}"
     record("agent_rss_kib", int(st["VmRSS"].split()[0]))
 
-    samples = node.parse_metrics(scrape(c, pod))
-    assert node.sample(samples, "ebpf_bio_attach_info", mode="tp_btf", node=NODE) == 1
+    samples = parse_metrics(scrape(c, pod))
+    assert sample(samples, "ebpf_bio_attach_info", mode="tp_btf", node=NODE) == 1
     progs = our_bpf_programs()
     assert progs and all(n.startswith("btf_") for n in progs.values()), progs
 
@@ -173,11 +95,11 @@ def test_pvc_on_a_local_pv_is_labelled_and_counted_exactly(cluster):
 
     def quiet_point():
         """(agent write/read counts, /sys/block stat) at a moment the device is idle."""
-        s1 = node.read_stat(loop.name)
+        s1 = read_stat(loop.name)
         time.sleep(1.5)
-        samples = node.parse_metrics(scrape(c, agent))
+        samples = parse_metrics(scrape(c, agent))
         time.sleep(1.5)
-        s2 = node.read_stat(loop.name)
+        s2 = read_stat(loop.name)
         if s1 != s2:
             return None
         counts = {op: sum(v for n, lab, v in samples if n == "ebpf_bio_req_latency_count"
@@ -207,7 +129,7 @@ spec:
     c.kubectl("wait", "--for=condition=Ready", "pod/writer", "-n", "shop", "--timeout=120s")
 
     def pv_labelled():
-        info = [lab for n, lab, v in node.parse_metrics(scrape(c, agent))
+        info = [lab for n, lab, v in parse_metrics(scrape(c, agent))
                 if n == "ebpf_bio_device_info" and lab.get("device") == loop.name]
         return info if any(lab.get("persistentvolumeclaim") == "data" for lab in info) else None
     info = wait_for(pv_labelled, 60, f"ebpf_bio_device_info for {loop.name} naming the claim")
@@ -218,12 +140,12 @@ spec:
     c.kubectl("exec", "writer", "-n", "shop", "--", "sh", "-c",
               f"dd if=/dev/zero of=/data/blob bs=64k count={blocks} oflag=direct && sync")
     after_counts, after_stat = wait_for(quiet_point, 60, f"{loop.name} idle again")
-    delta = node.stat_delta(before_stat, after_stat)
+    delta = stat_delta(before_stat, after_stat)
     assert delta["write_ios"] >= blocks, delta
     assert after_counts["write"] - before_counts["write"] == delta["write_ios"], (after_counts, before_counts, delta)
     assert after_counts["read"] - before_counts["read"] == delta["read_ios"], (after_counts, before_counts, delta)
 
-    labelled = [lab for n, lab, v in node.parse_metrics(scrape(c, agent))
+    labelled = [lab for n, lab, v in parse_metrics(scrape(c, agent))
                 if n == "ebpf_bio_req_latency_count" and lab.get("device") == loop.name]
     assert labelled and all(lab.get("persistentvolume") == "data-pv" and lab.get("persistentvolumeclaim") == "data"
                             and lab.get("namespace") == "shop" for lab in labelled), labelled
@@ -268,7 +190,7 @@ def test_docs_example_filters_devices_as_documented(cluster):
         os.fsync(f.fileno())
 
     def exported():
-        devices = {lab.get("device") for n, lab, v in node.parse_metrics(scrape(c, pod))
+        devices = {lab.get("device") for n, lab, v in parse_metrics(scrape(c, pod))
                    if n == "ebpf_bio_req_latency_count"}
         return devices if root_disk in devices else None
     devices = wait_for(exported, 60, f"IO on {root_disk} exported")

@@ -4,9 +4,8 @@ import os
 import subprocess
 import time
 
-from host_state import diff, snapshot
-from realnode import REPO
-from test_real_node import record
+from biotest.host_state import diff, snapshot
+from biotest.realnode import REPO, record
 
 
 def test_zz_host_is_as_before(cluster):

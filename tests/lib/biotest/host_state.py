@@ -5,7 +5,7 @@ import glob
 import os
 import subprocess
 
-from realnode import LOOP_PREFIX, our_bpf_programs
+from .realnode import LOOP_PREFIX, our_bpf_programs
 
 # Only a real node runs these; the control plane's programs also run in other suites' clusters, so
 # those count as ours only when their command line names our workdir (see _processes).

@@ -2,7 +2,8 @@
 provisioner makes them, and the kubelet's directories, mounts, block links, partitions and
 device-mapper devices under a temporary kubelet root, where the kubelet would put them.
 
-Used by tests/node/test_pv_labels.py and tests/prometheus/test_pv_labels_stored.py.
+Used by tests/node/test_pv_labels.py and tests/prometheus (test_pv_labels_stored.py,
+test_dashboard.py).
 """
 import hashlib
 import json
@@ -14,7 +15,7 @@ import uuid
 
 import yaml
 
-from conftest import sh
+from .util import sh
 
 NODE = "test-node"  # the agent fixture's --node-name
 DRIVER = "hostpath.csi.bio-test.io"

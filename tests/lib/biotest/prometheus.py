@@ -1,17 +1,15 @@
-"""A real Prometheus server on 127.0.0.1 for the tests and the scrape benchmark.
+"""A real Prometheus server on 127.0.0.1 for the tests and the scrape benchmark, and the helpers
+that point one at an agent.
 
 The server gets a free loopback port, a temporary data directory and a generated configuration
 (JSON, which is YAML) scraping the given targets; it is queried through its HTTP API only.
 """
 import contextlib
-import decimal
 import json
-import math
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,18 +19,12 @@ import urllib.request
 
 import pytest
 
+from .blockdev import direct_io
+from .exposition import PROTOBUF_ACCEPT, parse_metrics
+from .util import free_port
+
 PROMETHEUS2 = os.environ.get("BIO_PROMETHEUS2", "/usr/bin/prometheus")
 PROMETHEUS3 = os.environ.get("BIO_PROMETHEUS3", "")
-
-PROTOBUF_ACCEPT = (
-    "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"
-)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def binary_version(binary):
@@ -42,33 +34,6 @@ def binary_version(binary):
     if not m:
         raise AssertionError(f"cannot read the version of {binary}: {out.stdout}{out.stderr}")
     return tuple(int(x) for x in m.groups())
-
-
-def go_float(f):
-    """strconv.FormatFloat(f, 'g', -1, 64), as Go (and so Prometheus) prints a float."""
-    if math.isnan(f):
-        return "NaN"
-    if math.isinf(f):
-        return "+Inf" if f > 0 else "-Inf"
-    if f == 0:
-        return "0"
-    sign, digits, exp = decimal.Decimal(repr(f)).normalize().as_tuple()
-    ds = "".join(map(str, digits))
-    x = len(ds) + exp - 1  # decimal exponent of the first digit
-    s = "-" if sign else ""
-    if x < -4 or x >= 6:  # Go uses %e there when the precision is the shortest
-        mant = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
-        return f"{s}{mant}e{'+' if x >= 0 else '-'}{abs(x):02d}"
-    return s + format(decimal.Decimal(repr(abs(f))).normalize(), "f")
-
-
-def normalized_le(value):
-    """The `le` string as Prometheus 3.x stores it (and 2.x when it scraped protobuf):
-    the float printed by Go with ".0" added to integers, e.g. "1" -> "1.0", "1.048576e+06" stays."""
-    s = go_float(float(value))
-    if not any(c in s for c in ".eEIN"):
-        s += ".0"
-    return s
 
 
 class PrometheusServer:
@@ -202,3 +167,68 @@ def prometheus_binary(server):
             pytest.fail(f"BIO_PROMETHEUS3={PROMETHEUS3} is not an executable")
         return PROMETHEUS3
     raise ValueError(server)
+
+
+# ------------------------------------------------------------- an agent scraped by a server
+
+NODE = "test-node"   # the agent fixture's --node-name
+READ_BS = 4 << 10    # 4 KiB: size bucket le=4
+WRITE_BS = 64 << 10  # 64 KiB: size bucket le=64
+IO_SECONDS = 3.5     # > 3 scrape intervals of 1 s
+
+
+def scrape_config(agent, job="bio", **extra):
+    return {"job_name": job, "scrape_interval": "1s", "scrape_timeout": "1s",
+            "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}], **extra}
+
+
+def wait_target_up(prom, job="bio"):
+    prom.wait_for(lambda: prom.scalar(f'up{{job="{job}"}}') == 1.0, 20, f"target {job} up")
+
+
+def agent_serves_protobuf(agent):
+    """The Content-Type the agent answers a protobuf scrape with."""
+    req = urllib.request.Request(agent.url + "/metrics", headers={"Accept": PROTOBUF_ACCEPT})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+        return r.headers.get("Content-Type", "")
+
+
+def issue_io(loop):
+    """4 KiB O_DIRECT reads and 64 KiB O_DIRECT writes for IO_SECONDS, i.e. across more than
+    three 1 s scrapes."""
+    start = time.time()
+    rounds = 0
+    while time.time() - start < IO_SECONDS:
+        direct_io(loop.path, "read", READ_BS, 32, offset=(rounds % 64) * 32 * READ_BS)
+        direct_io(loop.path, "write", WRITE_BS, 4, offset=(rounds % 64) * 4 * WRITE_BS)
+        rounds += 1
+    return rounds
+
+
+def agent_counts(agent, dev):
+    """{operation: ebpf_bio_req_size_count} as the agent serves it now."""
+    return {labels["operation"]: value for name, labels, value in agent.samples()
+            if name == "ebpf_bio_req_size_count" and labels.get("device") == dev}
+
+
+def agent_le(agent, metric):
+    """The le strings the agent exposes for metric (text format), in its order."""
+    seen = []
+    for name, labels, _ in parse_metrics(agent.metrics_text()):
+        if name == metric + "_bucket" and labels["le"] not in seen:
+            seen.append(labels["le"])
+    return seen
+
+
+def wait_counts_stored(prom, dev, counts, native=False):
+    """Waits until Prometheus stored a scrape taken after the IO: its counts equal the agent's."""
+    def stored():
+        for op, want in counts.items():
+            sel = f'{{device="{dev}",operation="{op}"}}'
+            expr = (f"histogram_count(ebpf_bio_req_size{sel})" if native
+                    else f"ebpf_bio_req_size_count{sel}")
+            if prom.scalar(expr) != want:
+                return False
+        return True
+    prom.wait_for(stored, 15, f"stored counts to reach the agent's {counts}")

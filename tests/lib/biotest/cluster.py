@@ -1,4 +1,4 @@
-"""A real local Kubernetes control plane for node tests (tests/cluster/up.sh): one per test module.
+"""A real local Kubernetes control plane (tests/cluster/up.sh) for a test module or a benchmark.
 
 Start it with `running_cluster(workdir)`, which always runs tests/cluster/down.sh afterwards, even
 when a test failed or the API server was restarted by a test.
@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from conftest import REPO
+from . import REPO
 
 CLUSTER = os.path.join(REPO, "tests", "cluster")
 

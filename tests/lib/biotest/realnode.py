@@ -11,8 +11,11 @@ import re
 import subprocess
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+import yaml
+
+from . import REPO
+from .blockdev import LoopDevice
+
 CLUSTER = os.path.join(REPO, "tests", "cluster")
 NODE = "real-node-0"
 
@@ -173,11 +176,7 @@ def make_local_pv(c, pv, claim, namespace, size_mib=64):
     """A loop device (in /dev/shm, detached by down.sh via <workdir>/loops) with ext4 mounted in
     the cluster's namespace, a local PersistentVolume on it pinned to the node, and a claim bound
     to it. Returns the LoopDevice."""
-    import sys
-    sys.path.insert(0, os.path.join(REPO, "tests", "prometheus"))
-    from node_fixtures import node  # tests/node/conftest.py under its own name
-
-    loop = node.LoopDevice(size_mib << 20, prefix=LOOP_PREFIX)
+    loop = LoopDevice(size_mib << 20, prefix=LOOP_PREFIX)
     with open(os.path.join(c.workdir, "loops"), "a") as f:
         f.write(loop.path + "\n")
     mnt = os.path.join(c.workdir, "realnode", "pv", pv)
@@ -210,3 +209,83 @@ spec:
   resources: {{requests: {{storage: {size_mib}Mi}}}}
 """)
     return loop
+
+
+# --------------------------------------------- one user's session: measurements, BioMonitors --
+
+AGENTS_NS = "bio-exporter-agents"
+OPERATOR_NS = "bio-exporter"
+MEASUREMENTS = os.environ.get("BIO_REALNODE_MEASUREMENTS",
+                              os.path.expanduser("~/.cache/bio-exporter/realnode-measurements.json"))
+measured = {}
+
+
+def record(key, value):
+    """Add one figure to the measurements file (other modules' figures in it are kept)."""
+    try:
+        with open(MEASUREMENTS) as f:
+            measured.update({k: v for k, v in json.load(f).items() if k not in measured})
+    except (OSError, ValueError):
+        pass
+    measured[key] = value
+    with open(MEASUREMENTS, "w") as f:
+        json.dump(measured, f, indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ helpers --
+
+def agent_pods(c, monitor=None):
+    pods = c.get("pods", "-n", AGENTS_NS)["items"]
+    # The DaemonSet's selector labels (operator/src/names.rs): name = the app, instance = the monitor.
+    def ours(labels):
+        return labels.get("app.kubernetes.io/name") == "bio-exporter-agent" and \
+            (monitor is None or labels.get("app.kubernetes.io/instance") == monitor)
+    return [p for p in pods if ours(p["metadata"].get("labels", {})) and not p["metadata"].get("deletionTimestamp")]
+
+
+def ready_agent(c, monitor, timeout=180):
+    """The one Ready agent pod of `monitor` on the real node."""
+    def ready():
+        pods = agent_pods(c, monitor)
+        ok = [p for p in pods if p["spec"].get("nodeName") == NODE and p["status"].get("phase") == "Running"
+              and any(cs.get("ready") for cs in p["status"].get("containerStatuses", []))]
+        return ok[0] if len(ok) == 1 and len(pods) == 1 else None
+    return wait_for(ready, timeout, f"one Ready agent pod of {monitor} on {NODE}")
+
+
+def container_pid(c, pod):
+    """Host PID of the pod's agent container (its init process), from containerd."""
+    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    out = c.ctr("tasks", "ls")
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"container {cid} not in containerd's tasks:\n{out}")
+
+
+def scrape(c, pod, path="/metrics"):
+    code, body = c.http(f"http://{pod['status']['podIP']}:9435{path}")
+    assert code == 200, f"GET {path} on {pod['metadata']['name']}: {code} {body[:300]}"
+    return body
+
+
+def biomonitor_status(c, name):
+    return c.get("biomonitor", name, "-n", AGENTS_NS).get("status", {})
+
+
+def condition(status, ctype):
+    return next((x for x in status.get("conditions", []) if x["type"] == ctype), {})
+
+
+def apply_biomonitor(c, manifest):
+    c.kubectl("apply", "-f", "-", stdin=manifest)
+    return yaml.safe_load(manifest)["metadata"]["name"]
+
+
+def delete_biomonitor_and_wait_clean(c, name):
+    c.kubectl("delete", "biomonitor", name, "-n", AGENTS_NS, "--wait=true", "--timeout=120s")
+    wait_for(lambda: not agent_pods(c, name) and not c.get("pods", "-n", AGENTS_NS)["items"], 120,
+             f"the pods of {name} to be gone")
+    wait_for(lambda: not our_bpf_programs(), 30, "our BPF programs to be unloaded")
+    assert not our_bpf_links(), "BPF links of ours left attached"
