@@ -8,29 +8,17 @@ the kube-apiserver, so it must stay the last test of this file.
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from biotest.agent import AGENT_BIN, Agent
+from biotest.agent import Agent
 from biotest.cluster import agent_env, running_cluster
 
 NS = "bio-auth"
 METRICS_TYPE_LINE = "# TYPE ebpf_bio_req_latency histogram"
-
-
-def agent_has_auth_flag():
-    try:
-        out = subprocess.run([AGENT_BIN, "--help"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return re.search(r"^\s*--auth[ =<]", out, re.M) is not None
-
-
-pytestmark = pytest.mark.skipif(not agent_has_auth_flag(), reason="SKIPPED LOUDLY: agent built without --auth")
 
 RBAC = f"""
 apiVersion: v1

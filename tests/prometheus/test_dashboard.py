@@ -6,46 +6,49 @@ whole module (module-scoped fixture; the IO is issued once):
 
   - prometheus2: Debian's 2.42, text exposition, classic histograms only (le stored verbatim);
   - prometheus3: 3.x (BIO_PROMETHEUS3), protobuf with scrape_native_histograms and
-    always_scrape_classic_histograms: native and classic stored, le normalised ("1.0"). It also
-    scrapes a stand-in exporter serving one `ebpf_bio_device_info` series for the loop device,
-    so the per-PVC table's join returns rows there; on prometheus2 the info metric does not
-    exist (as today in the agent) and the table's expressions must return empty, not fail.
+    always_scrape_classic_histograms: native and classic stored, le normalised ("1.0").
+
+The loop device backs a block-mode PersistentVolume bound to a claim in a real local API server
+(tests/cluster), linked under a temporary kubelet root as the kubelet links a pod's
+volumeDevices, and the agent runs with --pv-labels: its own `ebpf_bio_device_info` series feeds
+the per-PVC table on both servers.
 
 Every `expr` of every panel target (rows included, collapsed or not) has its Grafana variables
 replaced ($__rate_interval -> 1m, $__range -> 5m, $__interval -> 15s; $node/$device/$operation
 -> ".*" and, separately, values naming the test's node, device and read|write) and is run as an
 instant query and, for range targets, as a range query over the minute before: status success,
 no warnings or infos, and a non-empty result wherever the data it reads exists on that server
-(and an empty one where it does not: native-only expressions on 2.42, the per-PVC table without
-the info metric). Queries are evaluated at the time of a successful scrape taken after the IO
+(and an empty one where it does not: native-only expressions on 2.42). Queries are evaluated at the time of a successful scrape taken after the IO
 (a failed scrape on a busy machine would leave staleness markers after it). Also: no expression
 names an `le` value or uses `le` outside `by (...)`; the variables' label_values queries find
 the test's node, device and operations; `helm template` renders the ConfigMap only when
 grafanaDashboard.enabled, with its labels, namespace and the JSON verbatim.
 """
-import http.server
+import contextlib
 import json
 import math
 import os
 import re
 import subprocess
-import threading
 
 import pytest
 
 from biotest import REPO
-from biotest.blockdev import LoopDevice
 from biotest.agent import Agent
+from biotest.blockdev import LoopDevice, direct_io
+from biotest.cluster import agent_env, running_cluster
 from biotest.dashboard import (CHART, DASHBOARD_PATH, DS, HISTOGRAMS, TEMPLATE_VARS, VAR_RE, api, check_response,
                                dashboard_targets, forms, load_dashboard, substitute, walk_panels)
+from biotest.kubelet import Node, create_pv
 from biotest.prometheus import (NODE, PROMETHEUS2, PROMETHEUS3, PrometheusServer, agent_counts, agent_le,
                                 agent_serves_protobuf, issue_io, scrape_config, wait_counts_stored, wait_target_up)
+from biotest.util import wait_for
 
 CONFIGMAP_TEMPLATE = "templates/dashboard-configmap.yaml"
 DATA_KEY = "bio-exporter.json"
 SERVERS = ["prometheus2", "prometheus3"]
 
-# Stand-in for the info metric the agent will export for devices backing a PersistentVolume.
+# The PersistentVolume the loop device backs, as the agent's ebpf_bio_device_info labels it.
 PVC_INFO = {"persistentvolume": "pv-dashboard-test", "persistentvolumeclaim": "data-0",
             "namespace": "ns-dashboard-test", "storageclass": "sc-test", "shared": "false"}
 
@@ -216,84 +219,62 @@ def test_chart_renders_no_dashboard_by_default():
 
 # -------------------------------------------------------- real agent, real Prometheus servers
 
-class InfoExporter:
-    """A /metrics endpoint on 127.0.0.1 serving fixed text: the stand-in ebpf_bio_device_info."""
-
-    def __init__(self, text):
-        body = text.encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 class Stack:
     def __init__(self):
         self.servers = {}      # name -> PrometheusServer
-        self.stores = {}       # name -> {"classic": bool, "native": bool, "info": bool}
+        self.stores = {}       # name -> {"classic": bool, "native": bool}
         self.t_eval = {}       # name -> evaluation time of every query
         self.dev = None
         self.bucket_count = {}  # metric -> number of le values the agent exposes
 
 
 @pytest.fixture(scope="module")
-def stack():
-    """One loop device, one agent on it, the servers scraping it; IO issued once."""
+def stack(tmp_path_factory):
+    """One loop device backing a PV, one agent with --pv-labels on it, the servers scraping it;
+    IO issued once."""
     s = Stack()
-    cleanup = []
-    try:
+    with contextlib.ExitStack() as undo:
+        cluster = undo.enter_context(running_cluster(tmp_path_factory.mktemp("dashboard-cluster")))
+        ns, claim, pv = PVC_INFO["namespace"], PVC_INFO["persistentvolumeclaim"], PVC_INFO["persistentvolume"]
+        cluster.kubectl("create", "namespace", ns)
+        create_pv(cluster, pv, (ns, claim), storage_class=PVC_INFO["storageclass"], block=True)
         loop = LoopDevice(64 << 20)
-        cleanup.append(loop.detach)
+        undo.callback(loop.detach)
         s.dev = loop.name
-        agent = Agent(["--device-include", f"^{loop.name}$"])
-        cleanup.append(agent.stop)
+        root = str(tmp_path_factory.mktemp("kubelet"))
+        kubelet = Node(root, str(tmp_path_factory.mktemp("scratch")))
+        undo.callback(kubelet.cleanup)
+        # A block-mode volume: the raw O_DIRECT IO below goes to the device, no filesystem on it.
+        kubelet.block_link(kubelet.pod(), pv, loop.path)
+        agent = Agent(["--device-include", f"^{loop.name}$", "--pv-labels", "--kubelet-root", root],
+                      env=agent_env(cluster.env["KUBECONFIG"]))
+        undo.callback(agent.stop)
+        # The device's first IO makes its series; the servers start once they carry the claim.
+        direct_io(loop.path, "write", 4096, 1)
+        wait_for(lambda: any(n == "ebpf_bio_device_info" and l.get("device") == loop.name
+                             and l.get("persistentvolumeclaim") == claim for n, l, _ in agent.samples()),
+                 30, f"{loop.name} labelled with its claim {claim}")
 
         if not os.access(PROMETHEUS2, os.X_OK):
             pytest.fail(f"{PROMETHEUS2} is missing: run `make deps` (Debian's prometheus package)")
         p2 = PrometheusServer(PROMETHEUS2, [scrape_config(agent)], name="dash-prometheus2")
-        cleanup.append(p2.stop)
+        undo.callback(p2.stop)
         s.servers["prometheus2"] = p2
-        s.stores["prometheus2"] = {"classic": True, "native": False, "info": False}
+        s.stores["prometheus2"] = {"classic": True, "native": False}
 
         if PROMETHEUS3:
             assert agent_serves_protobuf(agent).startswith("application/vnd.google.protobuf"), (
                 "the agent must serve the protobuf exposition (native histograms)")
-            labels = ",".join(f'{k}="{v}"' for k, v in
-                              {"node": NODE, "device": loop.name, **PVC_INFO}.items())
-            info = InfoExporter("# TYPE ebpf_bio_device_info gauge\n"
-                                f"ebpf_bio_device_info{{{labels}}} 1\n")
-            cleanup.append(info.stop)
             p3 = PrometheusServer(PROMETHEUS3, [
                 scrape_config(agent, scrape_native_histograms=True,
                               always_scrape_classic_histograms=True),
-                {"job_name": "device-info-standin", "scrape_interval": "1s",
-                 "scrape_timeout": "1s",
-                 "static_configs": [{"targets": [f"127.0.0.1:{info.port}"]}]},
             ], name="dash-prometheus3")
-            cleanup.append(p3.stop)
+            undo.callback(p3.stop)
             s.servers["prometheus3"] = p3
-            s.stores["prometheus3"] = {"classic": True, "native": True, "info": True}
+            s.stores["prometheus3"] = {"classic": True, "native": True}
 
         for p in s.servers.values():
             wait_target_up(p)
-        if "prometheus3" in s.servers:
-            wait_target_up(s.servers["prometheus3"], job="device-info-standin")
 
         issue_io(loop)
         for metric in ("ebpf_bio_req_latency", "ebpf_bio_req_size", "ebpf_bio_req_queue_latency"):
@@ -304,13 +285,12 @@ def stack():
             wait_counts_stored(p, loop.name, counts)
             if s.stores[name]["native"]:
                 wait_counts_stored(p, loop.name, counts, native=True)
+            # The agent looks PVs up on its own schedule: the info series may come a scrape later.
+            p.wait_for(lambda: p.query(f'ebpf_bio_device_info{{device="{loop.name}"}}'), 30,
+                       f"ebpf_bio_device_info of {loop.name} stored")
         for name, p in s.servers.items():
-            jobs = ["bio"] + (["device-info-standin"] if s.stores[name]["info"] else [])
-            s.t_eval[name] = evaluation_time(p, jobs)
+            s.t_eval[name] = evaluation_time(p, ["bio"])
         yield s
-    finally:
-        for fn in reversed(cleanup):
-            fn()
 
 
 def evaluation_time(prom, jobs):
@@ -358,9 +338,8 @@ def test_expression_runs(stack, server, tid):
     _, panel, target = next(x for x in TARGETS if x[0] == tid)
     classic, native, info = forms(target["expr"])
     store = stack.stores[server]
-    expect_data = ((not info or store["info"])
-                   and ((classic and store["classic"]) or (native and store["native"])
-                        or not (classic or native)))
+    expect_data = ((classic and store["classic"]) or (native and store["native"])
+                   or not (classic or native))
 
     for vname, values in variable_sets(stack).items():
         expr = substitute(target["expr"], values)
@@ -407,7 +386,7 @@ def test_expression_runs(stack, server, tid):
             else:
                 assert len(result) == 1 and "histogram" in result[0], (what, result)
         if info:
-            # One row for the loop device, carrying the PVC labels of the stand-in info series.
+            # One row for the loop device, carrying the PVC labels of the agent's info series.
             assert len(result) == 1, (what, result)
             want = {"node": NODE, "device": stack.dev,
                     **{k: v for k, v in PVC_INFO.items() if k != "shared"}}

@@ -23,14 +23,6 @@ SERIES_LABELS = {"__name__", "device", "operation", "node", "instance", "job"}
 
 # ---------------------------------------------------------------------------------- helpers
 
-def require_protobuf(agent):
-    ctype = agent_serves_protobuf(agent)
-    if not ctype.startswith("application/vnd.google.protobuf"):
-        pytest.skip("SKIPPED LOUDLY: agent has no protobuf exposition yet "
-                    f"(asked for protobuf, got Content-Type {ctype!r}); native histograms cannot "
-                    "be scraped")
-
-
 def bucket_index(q):
     """k such that q lies in (2^(k-1), 2^k]: the log2 bucket a quantile falls in."""
     return math.ceil(math.log2(q) - 1e-9)
@@ -151,7 +143,8 @@ def test_native_histograms(server, loop_factory, agent_factory, prometheus_facto
     loop = loop_factory()
     dev = loop.name
     agent = agent_factory("--device-include", f"^{dev}$")
-    require_protobuf(agent)
+    assert agent_serves_protobuf(agent).startswith("application/vnd.google.protobuf"), (
+        "the agent must answer a protobuf scrape with the protobuf exposition (native histograms)")
 
     three = server == "prometheus3"
     if three:
