@@ -6,7 +6,7 @@ ARGS ?=
 AGENT_DEBUG := $(CARGO_TARGET_DIR)/debug/node-agent
 AGENT_RELEASE := $(CARGO_TARGET_DIR)/release/node-agent
 
-.PHONY: deps build build-release static images tracefs run test test-unit test-node test-cluster test-prometheus test-real-node lint bench bench-pv-labels crds clean
+.PHONY: deps build build-release static images tracefs run test test-unit test-node test-cluster test-prometheus test-real-node lint bench bench-pv-labels bench-scrape crds clean
 
 deps:
 	@scripts/install-deps.sh
@@ -65,14 +65,22 @@ test-real-node: build images tracefs
 
 test: lint test-unit test-node test-prometheus test-cluster test-real-node
 
-# BENCH_SCALES=64 picks the device counts of the /metrics rows; BENCH_ARGS=--only-scrape skips
-# the per-IO rows (scripts/bench.py --help).
+# The benchmarks (bench/: they print figures, they do not pass or fail), as root, on the release
+# build; docs/performance*.md say what each measured. BENCH_ARGS go to the script (--help).
+
+# BPF time per IO, IOPS with and without the agent, /metrics cost at 64/256/1024 devices
+# (BENCH_SCALES=64 picks the device counts; BENCH_ARGS=--only-scrape skips the per-IO rows).
 bench: build-release tracefs
-	scripts/bench.sh $(BENCH_ARGS)
+	BIO_AGENT_BIN=$(AGENT_RELEASE) python3 bench/agent_cost.py $(BENCH_ARGS)
 
 # PersistentVolume labels with 64 devices and 500 PVs in a real local API server (~15 min).
 bench-pv-labels: build-release
-	scripts/bench-pv-labels.sh
+	BIO_AGENT_BIN=$(AGENT_RELEASE) python3 bench/pv_labels.py $(BENCH_ARGS)
+
+# What real Prometheus servers (Debian's 2.42, the cached 3.x) see scraping 64 devices.
+bench-scrape: build-release tracefs
+	BIO_PROMETHEUS3="$$(tests/prometheus/build.sh | tail -n 1)" BIO_AGENT_BIN=$(AGENT_RELEASE) \
+		python3 bench/prometheus_scrape.py $(BENCH_ARGS)
 
 # Both copies: crds/ (kubectl apply users) and the chart's crds/ (helm install).
 crds:

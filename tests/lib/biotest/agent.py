@@ -14,6 +14,8 @@ from .util import free_port, sh
 
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/bio-exporter/target"))
 AGENT_BIN = os.environ.get("BIO_AGENT_BIN", os.path.join(TARGET, "debug", "node-agent"))
+# The benchmarks measure the release build unless told otherwise.
+RELEASE_AGENT_BIN = os.environ.get("BIO_AGENT_BIN", os.path.join(TARGET, "release", "node-agent"))
 
 # The names of the agent's BPF programs (bpf/bio.bpf.c), every attach mode: how bpftool's lists
 # tell ours from other programs on the host.
@@ -81,12 +83,14 @@ class Agent:
 
 @contextlib.contextmanager
 def running_agent(*args, **kw):
-    """An Agent for the length of a `with` block (the benchmarks' form of the agent fixture)."""
+    """An Agent for the length of a `with` block (the benchmarks' form of the agent fixture); its
+    log is removed afterwards, as a benchmark starts dozens of agents."""
     agent = Agent(list(args), **kw)
     try:
         yield agent
     finally:
         agent.stop()
+        os.unlink(agent.log.name)
 
 
 def run_agent(*args, timeout=20, wrapper=()):

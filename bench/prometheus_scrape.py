@@ -14,9 +14,9 @@ operations. Then:
     BIO_PROMETHEUS3 (or --prometheus3) names a binary; classic (text) and native (protobuf).
 
 Prints a Markdown table and writes the raw figures as JSON (--json). Everything it makes is
-removed at the end. Usage:
+removed at the end. Usage (as root): make bench-scrape, or
 
-  BIO_PROMETHEUS3=$(tests/prometheus/build.sh | tail -1) python3 tests/prometheus/bench_scrape.py
+  BIO_PROMETHEUS3=$(tests/prometheus/build.sh | tail -1) python3 bench/prometheus_scrape.py
 """
 import argparse
 import gzip
@@ -29,8 +29,8 @@ import sys
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from biotest.agent import AGENT_BIN, Agent  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
+from biotest.agent import RELEASE_AGENT_BIN, Agent  # noqa: E402
 from biotest.blockdev import LoopDevice, direct_io  # noqa: E402
 from biotest.exposition import PROTOBUF_ACCEPT  # noqa: E402
 from biotest.prometheus import PROMETHEUS2, PROMETHEUS3, PrometheusServer, binary_version  # noqa: E402
@@ -136,14 +136,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=64)
     ap.add_argument("--scrapes", type=int, default=50, help="timed client scrapes per format")
-    ap.add_argument("--agent", default=AGENT_BIN, help="node-agent binary (default %(default)s)")
+    ap.add_argument("--agent", default=RELEASE_AGENT_BIN, help="node-agent binary (default %(default)s)")
     ap.add_argument("--prometheus2", default=PROMETHEUS2)
     ap.add_argument("--prometheus3", default=PROMETHEUS3)
     ap.add_argument("--interval", type=int, default=2, help="Prometheus scrape interval = timeout, s")
     ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench_scrape.py: run as root (it loads BPF and makes loop devices)")
+        sys.exit("prometheus_scrape.py: run as root (it loads BPF and makes loop devices)")
     if not os.path.isdir("/sys/kernel/tracing/events/block"):
         sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
 

@@ -9,7 +9,7 @@ Then, alternating runs without and with --pv-labels:
 - API requests on persistentvolumes per minute at steady state, from the API server's
   apiserver_request_total, with the agent running and (baseline: the controller-manager's own
   watch) without.
-Usage: scripts/bench-pv-labels.sh [--watch-minutes N]
+Usage (as root): make bench-pv-labels, or python3 bench/pv_labels.py [--watch-minutes N]
 """
 import argparse
 import contextlib
@@ -25,11 +25,12 @@ import time
 import urllib.request
 import uuid
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench import agent, sh  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
+from biotest.agent import RELEASE_AGENT_BIN, rss_mib, running_agent  # noqa: E402
+from biotest.blockdev import LoopDevice  # noqa: E402
+from biotest.cluster import CLUSTER, Cluster, agent_env  # noqa: E402
+from biotest.util import sh  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLUSTER = os.path.join(REPO, "tests", "cluster")
 N_VOLUMES = 500
 N_DEVICES = 64
 N_NODES = 5
@@ -41,14 +42,9 @@ RUNS = 2
 
 
 def kubectl(env, *args, stdin=None):
+    """kubectl without the test helpers' time limits: creating 1500 objects takes a while."""
     return subprocess.run(["kubectl", *args], env=env, input=stdin, check=True,
                           capture_output=True, text=True).stdout
-
-
-def cluster_env(workdir):
-    out = subprocess.run(["bash", "-c", f"source {workdir}/env && env -0"], check=True,
-                         capture_output=True, text=True).stdout
-    return dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
 
 
 def api_objects(nodes):
@@ -77,7 +73,7 @@ def api_objects(nodes):
 def kubelet_root():
     """500 pod CSI volume mounts; the first N_DEVICES are ext4 on loop devices."""
     root = tempfile.mkdtemp(prefix="bio-bench-kubelet-")
-    mounts, loops, files = [], [], []
+    mounts, loops = [], []
     try:
         for i in range(N_VOLUMES):
             pv = f"pv-bench-{i:03d}"
@@ -88,14 +84,10 @@ def kubelet_root():
                            "volumeLifecycleMode": "Persistent"}, f)
             target = os.path.join(vol, "mount")
             if i < N_DEVICES:
-                fd, img = tempfile.mkstemp(dir="/dev/shm", prefix="bio-bench-pv-")
-                os.close(fd)
-                os.truncate(img, 8 << 20)
-                files.append(img)
-                dev = sh("losetup", "--find", "--show", "--direct-io=on", img).strip()
-                loops.append(dev)
-                sh("mkfs.ext4", "-q", "-F", dev)
-                sh("mount", dev, target)
+                loop = LoopDevice(8 << 20, prefix="bio-bench-pv-")
+                loops.append(loop)
+                sh("mkfs.ext4", "-q", "-F", loop.path)
+                sh("mount", loop.path, target)
             else:
                 sh("mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", target)
             mounts.append(target)
@@ -103,10 +95,8 @@ def kubelet_root():
     finally:
         for m in reversed(mounts):
             subprocess.run(["umount", "-l", m])
-        for d in loops:
-            subprocess.run(["losetup", "-d", d])
-        for f in files:
-            os.unlink(f)
+        for loop in loops:
+            loop.detach()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -123,11 +113,6 @@ def scrape_series(url, scrapes):
         times.append((time.perf_counter() - t0) * 1000)
         time.sleep(SCRAPE_GAP_S)
     return times, body.decode()
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def pv_requests(env):
@@ -152,21 +137,22 @@ def main():
     workdir = tempfile.mkdtemp(prefix="bio-bench-cluster-")
     subprocess.run([f"{CLUSTER}/up.sh", workdir], check=True)
     try:
-        env = cluster_env(workdir)
-        nodes = sh(f"{CLUSTER}/add-nodes.sh", workdir, str(N_NODES), "bench").split()
+        env = Cluster(workdir).env
+        nodes = sh(f"{CLUSTER}/add-nodes.sh", workdir, str(N_NODES), "bench").stdout.split()
         t0 = time.time()
         kubectl(env, "create", "-f", "-", stdin=api_objects(nodes))
         print(f"created {N_VOLUMES} PVs, PVCs and pods in {time.time() - t0:.0f} s", flush=True)
-        agent_env = {"KUBECONFIG": env["KUBECONFIG"], "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        with_kubeconfig = agent_env(env["KUBECONFIG"])
         with kubelet_root() as (root, mounts):
             rows = {False: [], True: []}
             for run in range(RUNS):
                 for labels in (False, True):
                     extra = ["--pv-labels", "--kubelet-root", root] if labels else []
-                    with agent("--device-include", "^loop[0-9]+$", *extra, env=agent_env) as (proc, url):
+                    with running_agent("--device-include", "^loop[0-9]+$", *extra, binary=RELEASE_AGENT_BIN,
+                                       env=with_kubeconfig) as agent:
                         write_each(mounts)
-                        times, body = scrape_series(url, SCRAPES)
-                        rows[labels].append((times, rss_mib(proc.pid), len(body), body))
+                        times, body = scrape_series(agent.url, SCRAPES)
+                        rows[labels].append((times, rss_mib(agent.proc.pid), len(body), body))
             print(f"\n## /metrics with {N_DEVICES} devices, {N_VOLUMES} PV mounts, {N_VOLUMES} PVs"
                   f" ({SCRAPES} scrapes, one per {SCRAPE_GAP_S}s, {RUNS} runs each)")
             print("| --pv-labels | labelled series | bytes | p50 ms | p99 ms | max ms | RSS MiB |")
@@ -183,13 +169,13 @@ def main():
             before = pv_requests(env)
             time.sleep(seconds)
             baseline = delta(before, pv_requests(env))
-            with agent("--device-include", "^loop[0-9]+$", "--pv-labels", "--kubelet-root", root,
-                       env=agent_env) as (proc, url):
+            with running_agent("--device-include", "^loop[0-9]+$", "--pv-labels", "--kubelet-root", root,
+                               binary=RELEASE_AGENT_BIN, env=with_kubeconfig) as agent:
                 time.sleep(5)  # the initial LIST and WATCH
                 before = pv_requests(env)
                 time.sleep(seconds)
                 steady = delta(before, pv_requests(env))
-                urllib.request.urlopen(url + "/metrics", timeout=10).read()
+                urllib.request.urlopen(agent.url + "/metrics", timeout=10).read()
             print(f"\n## API requests on persistentvolumes over {args.watch_minutes:g} min at steady state")
             print(f"- without the agent (controller-manager only): {baseline or 'none'}")
             print(f"- with the agent: {steady or 'none'}")

@@ -13,73 +13,38 @@ alternating in every round, so a change to the programs is compared side by side
 """
 import argparse
 import contextlib
-import fcntl
 import json
-import mmap
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-AGENT = os.environ["BIO_AGENT_BIN"]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
+from biotest.agent import RELEASE_AGENT_BIN, agent_prog_ids, cpu_seconds, rss_mib, running_agent  # noqa: E402
+from biotest.blockdev import LoopDevice, loop_devices, read_and_write_once  # noqa: E402
+from biotest.util import sh  # noqa: E402
+
+AGENT = RELEASE_AGENT_BIN
 BASELINE = os.environ.get("BIO_AGENT_BIN_BASELINE")
 PROGRAM_PREFIXES = ("btf_", "raw_", "tp_rq", "kp_rq")
 
 
-def sh(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def loop_device(size=256 << 20):
-    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="bio-bench-")
-    os.close(fd)
-    os.truncate(path, size)
-    dev = sh("losetup", "--find", "--show", "--direct-io=on", path).strip()
+    dev = LoopDevice(size, prefix="bio-bench-")
     try:
-        yield dev
+        yield dev.path
     finally:
-        subprocess.run(["losetup", "-d", dev])
-        os.unlink(path)
-
-
-@contextlib.contextmanager
-def agent(*args, env=None, binary=None):
-    port = free_port()
-    proc = subprocess.Popen([binary or AGENT, "--listen", f"127.0.0.1:{port}", *args],
-                            env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        with contextlib.suppress(OSError):
-            if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
-                break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        raise SystemExit("agent did not become ready")
-    try:
-        yield proc, url
-    finally:
-        proc.terminate()
-        proc.wait()
+        dev.detach()
 
 
 def fio_randread(dev, seconds):
     out = sh("fio", "--name=bench", f"--filename={dev}", "--rw=randread", "--bs=4k", "--direct=1",
              "--ioengine=psync", "--iodepth=1", "--time_based", f"--runtime={seconds}",
-             "--output-format=json")
+             "--output-format=json").stdout
     job = json.loads(out)["jobs"][0]["read"]
     return job["iops"], job["total_ios"]
 
@@ -89,26 +54,16 @@ def read_ios(dev):
         return int(f.read().split()[0])
 
 
-def agent_prog_ids(pid):
-    """IDs of the programs this agent loaded (its fds say), so that other agents on the host do not
-    count."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            ids.update(int(l.split()[1]) for l in f if l.startswith("prog_id:"))
-    return ids
-
-
 def prog_stats(ids):
-    progs = json.loads(sh("bpftool", "-j", "prog", "show"))
+    progs = json.loads(sh("bpftool", "-j", "prog", "show").stdout)
     return {p["id"]: (p.get("run_time_ns", 0), p.get("run_cnt", 0), p.get("name", ""))
             for p in progs if p["id"] in ids and p.get("name", "").startswith(PROGRAM_PREFIXES)}
 
 
 def bpf_ns_per_io(dev, mode, seconds, binary=None):
     """BPF ns per IO of every program, and of the bio programs alone."""
-    with agent("--attach", mode, binary=binary) as (proc, _):
-        ids = agent_prog_ids(proc.pid)
+    with running_agent("--attach", mode, binary=binary or AGENT) as agent:
+        ids = agent_prog_ids(agent.proc.pid)
         before, ios0 = prog_stats(ids), read_ios(dev)
         fio_randread(dev, seconds)
         after, ios1 = prog_stats(ids), read_ios(dev)
@@ -126,72 +81,6 @@ SCRAPE_ACCEPT = {
 }
 
 
-def agent_cpu_s(pid):
-    """User + system CPU seconds the agent has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def agent_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
-
-
-def did_io(dev):
-    """One 16 KiB direct read and write, so the device has read and write series. In-process
-    (an aligned mmap buffer for O_DIRECT) instead of two dd runs: 1024 devices would cost 2048
-    processes."""
-    buf = mmap.mmap(-1, 16 << 10)
-    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buf], 0)
-        os.pwritev(fd, [buf], 0)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-@contextlib.contextmanager
-def loop_devices(n):
-    """n loop devices on sparse /dev/shm files, made by this run only (losetup --find asks
-    /dev/loop-control for a free or new one), and only those detached again; the device nodes
-    this run had the kernel create are removed too, so a 1024-device run leaves no 1000 empty
-    disks behind (each would be one more disk for every agent on the host)."""
-    existed = {d for d in os.listdir("/sys/block") if d.startswith("loop")}
-    files, devs = [], []
-    try:
-        for _ in range(n):
-            fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="bio-bench-")
-            os.close(fd)
-            os.truncate(path, 1 << 20)
-            files.append(path)
-            devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).strip())
-        yield devs
-    finally:
-        for d in devs:
-            subprocess.run(["losetup", "-d", d])
-        for f in files:
-            os.unlink(f)
-        remove_new_loop_nodes(devs, existed)
-
-
-LOOP_CTL_REMOVE = 0x4C81  # linux/loop.h
-
-
-def remove_new_loop_nodes(devs, existed):
-    """LOOP_CTL_REMOVE for the nodes of `devs` that were not there before; busy ones stay."""
-    ctl = os.open("/dev/loop-control", os.O_RDWR)
-    try:
-        for d in devs:
-            name = os.path.basename(d)
-            if name not in existed:
-                with contextlib.suppress(OSError):
-                    fcntl.ioctl(ctl, LOOP_CTL_REMOVE, int(name[len("loop"):]))
-    finally:
-        os.close(ctl)
-
-
 def scrape_cost(n_devices, scrapes):
     """/metrics latency, size and agent CPU per scrape for each format, with n_devices loop devices
     that all did IO. Formats (and, with BIO_AGENT_BIN_BASELINE, the two builds, both running at
@@ -199,12 +88,12 @@ def scrape_cost(n_devices, scrapes):
     builds = [("this", AGENT)] + ([("baseline", BASELINE)] if BASELINE else [])
     with contextlib.ExitStack() as stack:
         devs = stack.enter_context(loop_devices(n_devices))
-        agents = [(build, *stack.enter_context(agent("--device-include", "^loop[0-9]+$",
-                                                     binary=binary)))
-                  for build, binary in builds]
+        running = [(build, stack.enter_context(running_agent("--device-include", "^loop[0-9]+$", binary=binary)))
+                   for build, binary in builds]
+        agents = [(build, a.proc, a.url) for build, a in running]
         for d in devs:
-            did_io(d)
-        sh("blkdiscard", devs[0])
+            read_and_write_once(d.path)
+        sh("blkdiscard", devs[0].path)
         for _, _, url in agents:
             for _ in range(3):  # warm up: first-scrape attach decisions, allocator
                 urllib.request.urlopen(url + "/metrics", timeout=60).read()
@@ -217,16 +106,16 @@ def scrape_cost(n_devices, scrapes):
             for fmt, headers in SCRAPE_ACCEPT.items():
                 for build, proc, url in agents:
                     req = urllib.request.Request(url + "/metrics", headers=headers)
-                    c0 = agent_cpu_s(proc.pid)
+                    c0 = cpu_seconds(proc.pid)
                     t0 = time.perf_counter()
                     with urllib.request.urlopen(req, timeout=60) as resp:
                         body = resp.read()  # urllib does not decompress: this is the wire size
                     times[(build, fmt)].append((time.perf_counter() - t0) * 1000)
-                    cpu[(build, fmt)] += agent_cpu_s(proc.pid) - c0
+                    cpu[(build, fmt)] += cpu_seconds(proc.pid) - c0
                     size[(build, fmt)] = len(body)
                     if fmt == "text":
                         text[build] = body.decode()
-        rss = {build: agent_rss_mib(proc.pid) for build, proc, _ in agents}
+        rss = {build: rss_mib(proc.pid) for build, proc, _ in agents}
     rows = []
     for build, fmt in keys:
         t = sorted(times[(build, fmt)])
@@ -306,7 +195,7 @@ def per_io_and_iops(args, modes):
             sh("sysctl", "-q", f"kernel.bpf_stats_enabled={stats_was}")
         for _ in range(args.rounds):
             iops["without"].append(fio_randread(dev, args.seconds)[0])
-            with agent():
+            with running_agent(binary=AGENT):
                 iops["with"].append(fio_randread(dev, args.seconds)[0])
     print("\n## BPF time per IO (fio 4k randread, psync, loop on /dev/shm; includes bpf_stats' own ~84 ns per program run)")
     print("| mode | build | median ns/IO | runs | of it bio programs (median) |")
