@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 
 from .exposition import parse_metrics
-from .util import free_port, sh
+from .util import free_port, sh, wait_ready
 
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/bio-exporter/target"))
 AGENT_BIN = os.environ.get("BIO_AGENT_BIN", os.path.join(TARGET, "debug", "node-agent"))
@@ -40,16 +39,7 @@ class Agent:
         self.log = tempfile.NamedTemporaryFile(prefix="node-agent-", suffix=".log", delete=False)
         cmd = [*wrapper, binary, "--listen", f"127.0.0.1:{self.port}", "--node-name", "test-node", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
-            with contextlib.suppress(OSError):
-                if self.get("/readyz")[0] == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"agent not ready after 30s:\n{self.logs()}")
+        wait_ready(self, lambda: self.get("/readyz")[0] == 200, "agent")
 
     def get(self, path):
         try:

@@ -20,18 +20,22 @@ def system_setup():
     yield
 
 
-@pytest.fixture
-def agent_factory():
-    agents = []
+def factory(make, undo):
+    """A fixture's start function that keeps what it made, and the list to undo after the test."""
+    made = []
 
     def start(*args, **kw):
-        a = Agent(list(args), **kw)
-        agents.append(a)
-        return a
+        made.append(make(*args, **kw))
+        return made[-1]
 
+    return start, lambda: [undo(x) for x in made]
+
+
+@pytest.fixture
+def agent_factory():
+    start, stop_all = factory(lambda *args, **kw: Agent(list(args), **kw), Agent.stop)
     yield start
-    for a in agents:
-        a.stop()
+    stop_all()
 
 
 @pytest.fixture
@@ -41,16 +45,11 @@ def agent(agent_factory):
 
 @pytest.fixture
 def loop_factory():
-    devices = []
-
-    def make(size_bytes=64 << 20, direct_io=True, partscan=False):
-        d = LoopDevice(size_bytes, direct_io, partscan)
-        devices.append(d)
-        return d
-
-    yield make
-    for d in devices:
-        d.detach()
+    """make(size_bytes=64 MiB, direct_io=True, partscan=False): a loop device, detached after the test."""
+    start, detach_all = factory(lambda size_bytes=64 << 20, direct_io=True, partscan=False:
+                                LoopDevice(size_bytes, direct_io, partscan), LoopDevice.detach)
+    yield start
+    detach_all()
 
 
 @pytest.fixture
@@ -75,13 +74,6 @@ def zram(zram_factory):
 @pytest.fixture
 def prometheus_factory():
     """Starts Prometheus servers; stops them and removes their data when the test ends."""
-    servers = []
-
-    def start(binary, scrape_configs, **kw):
-        s = PrometheusServer(binary, scrape_configs, **kw)
-        servers.append(s)
-        return s
-
+    start, stop_all = factory(PrometheusServer, PrometheusServer.stop)
     yield start
-    for s in servers:
-        s.stop()
+    stop_all()

@@ -4,7 +4,6 @@ that point one at an agent.
 The server gets a free loopback port, a temporary data directory and a generated configuration
 (JSON, which is YAML) scraping the given targets; it is queried through its HTTP API only.
 """
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import pytest
 
 from .blockdev import direct_io
 from .exposition import PROTOBUF_ACCEPT, parse_metrics
-from .util import free_port
+from .util import free_port, wait_ready
 
 PROMETHEUS2 = os.environ.get("BIO_PROMETHEUS2", "/usr/bin/prometheus")
 PROMETHEUS3 = os.environ.get("BIO_PROMETHEUS3", "")
@@ -64,17 +63,7 @@ class PrometheusServer:
         ]
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.tmp, start_new_session=True)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"prometheus exited with {self.proc.returncode}: {self.cmd}\n{self.logs()}")
-            with contextlib.suppress(OSError):
-                if self._get("/-/ready")[0] == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"prometheus not ready after 30 s: {self.cmd}\n{self.logs()}")
+        wait_ready(self, lambda: self._get("/-/ready")[0] == 200, f"prometheus {self.cmd}")
 
     def _get(self, path, params=None):
         url = self.url + path
