@@ -112,7 +112,7 @@ def wait(c, predicate, timeout, what, interval=1.0):
 
 class Prom:
     """A Prometheus pod of the operator, queried through its HTTP API by pod IP from the cluster's
-    network namespace. `_get` is what test_dashboard.api() calls."""
+    network namespace. `_get` is what biotest.dashboard.api() calls."""
 
     def __init__(self, c, name):
         self.c, self.name, self.pod = c, name, f"prometheus-{name}-0"
@@ -525,8 +525,8 @@ def test_pvc_p99_carries_the_pvcs_namespace(stack):
 
 
 def test_dashboard_promql_returns_data(stack):
-    """Every expression of the chart's dashboard (as tests/prometheus/test_dashboard.py extracts
-    and substitutes them), instant and range, at a scrape inside the writer's minute: data where
+    """Every expression of the chart's dashboard (extracted and substituted by biotest.dashboard,
+    as in tests/prometheus/test_dashboard.py), instant and range, at a scrape inside the writer's minute: data where
     the Prometheus stores what it reads (native-only expressions: empty on `classic`)."""
     s = stack
     assert getattr(s, "io_window", None), "needs the writer of the previous test"
