@@ -9,6 +9,8 @@ mod bindings;
 mod events;
 mod reconcile;
 mod refuse;
+#[cfg(test)]
+mod tests;
 mod tls_secrets;
 mod verdicts;
 mod write;
