@@ -44,6 +44,14 @@ pub async fn reconcile(bm: Arc<BioMonitor>, ctx: Arc<Context>) -> Result<Action>
             .observe(started.elapsed().as_secs_f64());
         return result;
     }
+    // kube's finalizer helper writes on its own (adding the finalizer here,
+    // removing it after a cleanup) and knows nothing of the fence. Nothing is
+    // awaited between this check and the add.
+    if !bm.finalizers().iter().any(|f| f == names::FINALIZER)
+        && bm.metadata.deletion_timestamp.is_none()
+    {
+        ctx.fence.check()?;
+    }
     let result = finalizer(&api, names::FINALIZER, bm, |event| async {
         match event {
             FinalizerEvent::Apply(bm) => apply(bm, &ctx).await,
@@ -115,6 +123,9 @@ async fn cleanup(bm: Arc<BioMonitor>, ctx: &Context) -> Result<Action> {
     // A monitor blocked by this one may now be rolled out.
     let _ = ctx.reconcile_all.unbounded_send(());
     tracing::info!(biomonitor = %ObjectRef::from_obj(bm.as_ref()), "removed the agent from the agent ClusterRoleBindings");
+    // The finalizer helper removes the finalizer as soon as this returns
+    // Ok: a failed cleanup keeps it, so the check guards that write too.
+    ctx.fence.check()?;
     Ok(Action::await_change())
 }
 

@@ -68,6 +68,10 @@ impl Call {
         }
         s
     }
+
+    fn is_write(&self) -> bool {
+        !matches!(self.method.as_str(), "GET" | "HEAD")
+    }
 }
 
 /// A test's answer for a request, instead of the default one.
@@ -528,4 +532,36 @@ async fn node_conflict_deletes_this_monitors_daemonset() {
         ready.message
     );
     assert_eq!(api.event_reasons(), [conditions::reason::NODE_CONFLICT]);
+}
+
+/// Every path a reconcile can take, with the fence closed: reads are fine,
+/// writes (finalizer, children, events, status) are not.
+#[tokio::test]
+async fn a_lost_lease_writes_nothing() {
+    let valid = monitor("disks", BioMonitorSpec::default(), 100);
+    let mut new = valid.clone();
+    new.metadata.finalizers = None;
+    let mut invalid = valid.clone();
+    invalid.spec.devices.include = vec!["nvme(\\d+".into()];
+    let mut deleted = valid.clone();
+    deleted.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(200).unwrap()));
+    for (what, bm) in [
+        ("valid spec", &valid),
+        ("new BioMonitor (finalizer to add)", &new),
+        ("invalid spec (status and event only)", &invalid),
+        ("deleted BioMonitor (finalizer to remove)", &deleted),
+    ] {
+        let (result, api) = reconcile_once(bm, &[], &[linux_node("n1")], vec![], true).await;
+        let writes: Vec<String> = api
+            .calls()
+            .iter()
+            .filter(|c| c.is_write())
+            .map(Call::line)
+            .collect();
+        assert!(writes.is_empty(), "{what}: wrote {writes:?}");
+        // An error, so the controller's error policy (not a requeue timer)
+        // decides, and the elector sees the lost leadership.
+        let err = result.expect_err(what);
+        assert_eq!(err.metric_label(), "leadership", "{what}: {err}");
+    }
 }
