@@ -9,7 +9,49 @@ pub const DEFAULT_AGENT_IMAGE: &str = concat!(
     env!("CARGO_PKG_VERSION")
 );
 
-#[derive(Clone, Debug)]
+// The defaults below are written once: `Settings::default()` and the
+// command line's defaults (`bio-operator --help`) both come from them.
+// Durations are in the command line's syntax, as a user would type them.
+
+/// ClusterRole (and, by the chart's naming, ClusterRoleBinding) for the agents.
+pub const DEFAULT_AGENT_CLUSTER_ROLE: &str = "bio-exporter-agent";
+/// ClusterRole for agents with `auth: kubernetes`.
+pub const DEFAULT_AGENT_AUTH_CLUSTER_ROLE: &str = "bio-exporter-agent-auth";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_RESYNC_INTERVAL: &str = "5m";
+pub const DEFAULT_CRD_RETRY_INTERVAL: &str = "1m";
+pub const DEFAULT_AGENT_CHECK_INTERVAL: &str = "30s";
+/// 90 days.
+pub const DEFAULT_SERVING_CERT_VALIDITY: &str = "2160h";
+/// 5 years.
+pub const DEFAULT_CA_VALIDITY: &str = "43800h";
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 15s, 2m or 1h30m: {1}")]
+    Syntax(String, String),
+    #[error("{0:?} is negative")]
+    Negative(String),
+}
+
+/// A duration as Kubernetes writes them (`15s`, `1m30s`, `500ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let d: kube::core::Duration = s.parse().map_err(|e: kube::core::duration::ParseError| {
+        DurationError::Syntax(s.to_string(), e.to_string())
+    })?;
+    if d.is_negative() {
+        return Err(DurationError::Negative(s.to_string()));
+    }
+    Ok(d.into())
+}
+
+/// One of the built-in defaults above; the unit test
+/// `every_default_duration_parses` keeps them valid.
+pub(crate) fn default_duration(text: &str) -> Duration {
+    parse_duration(text).unwrap_or_else(|e| panic!("built-in default: {e}"))
+}
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Agent image used when a BioMonitor does not set `agent.image`.
     pub agent_image: String,
@@ -36,12 +78,12 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             agent_image: DEFAULT_AGENT_IMAGE.into(),
-            agent_cluster_role: "bio-exporter-agent".into(),
-            resync_interval: Duration::from_secs(300),
-            crd_missing_retry: Duration::from_secs(60),
-            agent_check_interval: Duration::from_secs(30),
-            agent_auth_cluster_role: "bio-exporter-agent-auth".into(),
-            cluster_domain: "cluster.local".into(),
+            agent_cluster_role: DEFAULT_AGENT_CLUSTER_ROLE.into(),
+            resync_interval: default_duration(DEFAULT_RESYNC_INTERVAL),
+            crd_missing_retry: default_duration(DEFAULT_CRD_RETRY_INTERVAL),
+            agent_check_interval: default_duration(DEFAULT_AGENT_CHECK_INTERVAL),
+            agent_auth_cluster_role: DEFAULT_AGENT_AUTH_CLUSTER_ROLE.into(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
             cert_lifetimes: crate::resources::tls::Lifetimes::default(),
         }
     }
@@ -136,6 +178,38 @@ fn is_dns1123_label(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_default_duration_parses() {
+        for text in [
+            DEFAULT_RESYNC_INTERVAL,
+            DEFAULT_CRD_RETRY_INTERVAL,
+            DEFAULT_AGENT_CHECK_INTERVAL,
+            DEFAULT_SERVING_CERT_VALIDITY,
+            DEFAULT_CA_VALIDITY,
+        ] {
+            assert!(parse_duration(text).is_ok(), "{text}");
+        }
+        assert_eq!(
+            Settings::default().cert_lifetimes.serving,
+            Duration::from_secs(90 * 86400)
+        );
+    }
+
+    #[test]
+    fn durations_parse_like_kubernetes() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(matches!(
+            parse_duration("soon"),
+            Err(DurationError::Syntax(..))
+        ));
+        assert_eq!(
+            parse_duration("-5s"),
+            Err(DurationError::Negative("-5s".into()))
+        );
+    }
 
     #[test]
     fn unset_is_every_namespace() {

@@ -13,7 +13,12 @@ use bio_operator::{
     metrics::Metrics,
     names,
     resources::tls::Lifetimes,
-    settings::{Settings, DEFAULT_AGENT_IMAGE},
+    settings::{
+        parse_duration, Settings, DEFAULT_AGENT_AUTH_CLUSTER_ROLE, DEFAULT_AGENT_CHECK_INTERVAL,
+        DEFAULT_AGENT_CLUSTER_ROLE, DEFAULT_AGENT_IMAGE, DEFAULT_CA_VALIDITY,
+        DEFAULT_CLUSTER_DOMAIN, DEFAULT_CRD_RETRY_INTERVAL, DEFAULT_RESYNC_INTERVAL,
+        DEFAULT_SERVING_CERT_VALIDITY,
+    },
     telemetry, Error, Result,
 };
 use clap::{ArgAction, Parser, ValueEnum};
@@ -87,7 +92,7 @@ struct Args {
     #[arg(
         long,
         env = "BIO_OPERATOR_AGENT_CLUSTER_ROLE",
-        default_value = "bio-exporter-agent"
+        default_value = DEFAULT_AGENT_CLUSTER_ROLE
     )]
     agent_cluster_role: String,
 
@@ -96,7 +101,7 @@ struct Args {
     #[arg(
         long,
         env = "BIO_OPERATOR_AGENT_AUTH_CLUSTER_ROLE",
-        default_value = "bio-exporter-agent-auth"
+        default_value = DEFAULT_AGENT_AUTH_CLUSTER_ROLE
     )]
     agent_auth_cluster_role: String,
 
@@ -104,30 +109,30 @@ struct Args {
     #[arg(
         long,
         env = "BIO_OPERATOR_CLUSTER_DOMAIN",
-        default_value = "cluster.local"
+        default_value = DEFAULT_CLUSTER_DOMAIN
     )]
     cluster_domain: String,
 
     /// Lifetime of the serving certificates the operator issues; renewed at 2/3 of it.
-    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_SERVING_CERT_VALIDITY, value_parser = parse_duration)]
     serving_cert_validity: Duration,
 
     /// Lifetime of the per-BioMonitor CA the operator creates; replaced at
     /// 4/5 of it (the old one stays trusted until it expires).
-    #[arg(long, default_value = "43800h", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_CA_VALIDITY, value_parser = parse_duration)]
     ca_validity: Duration,
 
     /// Periodic full re-reconcile of every BioMonitor.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_RESYNC_INTERVAL, value_parser = parse_duration)]
     resync_interval: Duration,
 
     /// Retry period while the ServiceMonitor CRD is not installed.
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_CRD_RETRY_INTERVAL, value_parser = parse_duration)]
     crd_retry_interval: Duration,
 
     /// While a BioMonitor's DaemonSet is not ready, how often (at most) its
     /// agent pods are listed to report failing agents in its status.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_AGENT_CHECK_INTERVAL, value_parser = parse_duration)]
     agent_check_interval: Duration,
 
     /// Log filter, RUST_LOG syntax (e.g. `info` or `bio_operator=debug,kube=info`).
@@ -144,14 +149,21 @@ struct Args {
     log_format: LogFormat,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a duration like 15s, 2m or 1h30m: {e}"))?;
-    if d.is_negative() {
-        return Err(format!("{s:?} is negative"));
+/// The operator's settings from its command line.
+fn settings(args: &Args) -> Settings {
+    Settings {
+        agent_image: args.agent_image.clone(),
+        agent_cluster_role: args.agent_cluster_role.clone(),
+        resync_interval: args.resync_interval,
+        crd_missing_retry: args.crd_retry_interval,
+        agent_check_interval: args.agent_check_interval,
+        agent_auth_cluster_role: args.agent_auth_cluster_role.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+        cert_lifetimes: Lifetimes {
+            ca: args.ca_validity,
+            serving: args.serving_cert_validity,
+        },
     }
-    Ok(d.into())
 }
 
 #[tokio::main]
@@ -180,19 +192,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let settings = Settings {
-        agent_image: args.agent_image.clone(),
-        agent_cluster_role: args.agent_cluster_role.clone(),
-        resync_interval: args.resync_interval,
-        crd_missing_retry: args.crd_retry_interval,
-        agent_check_interval: args.agent_check_interval,
-        agent_auth_cluster_role: args.agent_auth_cluster_role.clone(),
-        cluster_domain: args.cluster_domain.clone(),
-        cert_lifetimes: Lifetimes {
-            ca: args.ca_validity,
-            serving: args.serving_cert_validity,
-        },
-    };
+    let settings = settings(&args);
     if settings.cert_lifetimes.serving > settings.cert_lifetimes.ca {
         return Err(Error::Config(
             "--serving-cert-validity must not be longer than --ca-validity".into(),
@@ -307,12 +307,19 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_like_kubernetes() {
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-5s").is_err());
+    fn command_line_defaults_are_the_settings_defaults() {
+        let args = Args::try_parse_from(["bio-operator"]).unwrap();
+        assert_eq!(settings(&args), Settings::default());
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_flag() {
+        let err = Args::try_parse_from(["bio-operator", "--resync-interval", "soon"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--resync-interval") && msg.contains("\"soon\""),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use super::child_meta;
-use crate::{crd::BioMonitor, names};
+use crate::{crd::BioMonitor, names, settings};
 use k8s_openapi::{api::core::v1::Secret, ByteString};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -60,8 +60,8 @@ pub struct Lifetimes {
 impl Default for Lifetimes {
     fn default() -> Self {
         Self {
-            ca: Duration::from_secs(5 * 365 * 86400),
-            serving: Duration::from_secs(90 * 86400),
+            ca: settings::default_duration(settings::DEFAULT_CA_VALIDITY),
+            serving: settings::default_duration(settings::DEFAULT_SERVING_CERT_VALIDITY),
         }
     }
 }
