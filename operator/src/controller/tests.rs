@@ -445,11 +445,13 @@ async fn first_reconcile_writes_children_in_order_then_status() {
 
 #[tokio::test]
 async fn missing_servicemonitor_crd_is_a_condition_and_the_daemonset_still_applies() {
-    let bm = monitor("disks", BioMonitorSpec::default(), 100);
     // An apply to an unknown resource type: 404 from the API server.
-    let no_sm_crd: Override =
-        Box::new(|c| (c.method == "PATCH" && c.path.starts_with(SM)).then(|| not_found(c)));
-    let (result, api) = reconcile_once(&bm, &[], &[linux_node("n1")], vec![no_sm_crd], false).await;
+    fn no_sm_crd() -> Override {
+        Box::new(|c| (c.method == "PATCH" && c.path.starts_with(SM)).then(|| not_found(c)))
+    }
+    let mut bm = monitor("disks", BioMonitorSpec::default(), 100);
+    let (result, api) =
+        reconcile_once(&bm, &[], &[linux_node("n1")], vec![no_sm_crd()], false).await;
     // Nothing watches for the CRD to appear: the retry period, not the resync.
     assert_eq!(
         result.unwrap(),
@@ -466,6 +468,20 @@ async fn missing_servicemonitor_crd_is_a_condition_and_the_daemonset_still_appli
         ("False", conditions::reason::CRD_NOT_INSTALLED)
     );
     assert_eq!(api.event_reasons(), [conditions::reason::CRD_NOT_INSTALLED]);
+
+    // The retry a minute later, CRD still missing: the DaemonSet is applied
+    // again, but neither the status nor a second event is written.
+    bm.status = Some(status);
+    let (result, api) =
+        reconcile_once(&bm, &[], &[linux_node("n1")], vec![no_sm_crd()], false).await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(Settings::default().crd_missing_retry)
+    );
+    let lines = api.lines();
+    assert!(lines.contains(&apply_line(DS, "disks-agent")), "{lines:?}");
+    assert!(api.event_reasons().is_empty(), "{lines:?}");
+    assert!(!lines.contains(&status_line()), "{lines:?}");
 }
 
 #[tokio::test]
