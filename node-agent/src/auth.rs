@@ -39,15 +39,8 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longer bearer tokens are refused without asking the API server.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
-/// `--auth`: who may read /metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum AuthMode {
-    /// Anyone who can reach the port.
-    #[default]
-    None,
-    /// Bearer tokens checked with TokenReview + SubjectAccessReview (like kube-rbac-proxy).
-    Kubernetes,
-}
+/// `--auth`, defined with the rest of the command line, which the operator shares.
+pub use bio_agent_args::AuthMode;
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {

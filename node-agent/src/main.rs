@@ -17,10 +17,9 @@ mod volumes;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use cli::{Cli, Command, ServeArgs};
+use cli::{Command, ServeArgs};
 use devices::DeviceFilter;
 
 /// Exit codes: 1 for runtime failures, 2 for bad command-line input (like clap's own).
@@ -31,7 +30,7 @@ const EXIT_USAGE: u8 = 2;
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     init_logging(&cli.serve.log_level, cli.serve.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

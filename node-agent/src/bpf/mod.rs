@@ -9,7 +9,6 @@ mod skel;
 mod topology;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fmt;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,33 +25,8 @@ use crate::unobserved::{self, DiskStat, Reading, Unobserved, GROUPS};
 use kernel_facts::{tracepoint_fields, KernelFacts, TracepointFields};
 use skel::{BioSkel, BioSkelBuilder};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum AttachMode {
-    /// Probe tp_btf, raw_tp, tracepoint, kprobe in this order.
-    Auto,
-    /// BTF-typed tracepoints: direct loads, the cheapest (kernel BTF, 5.5+).
-    #[value(name = "tp_btf")]
-    TpBtf,
-    /// Raw tracepoints with CO-RE reads (kernel BTF).
-    #[value(name = "raw_tp")]
-    RawTp,
-    /// Classic tracepoints: no BTF needed, needs tracefs; operations only as rwbs tells them.
-    Tracepoint,
-    /// The seed's original method (kernel CONFIG_KPROBES).
-    Kprobe,
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Auto => "auto",
-            AttachMode::TpBtf => "tp_btf",
-            AttachMode::RawTp => "raw_tp",
-            AttachMode::Tracepoint => "tracepoint",
-            AttachMode::Kprobe => "kprobe",
-        })
-    }
-}
+/// Defined with the rest of the command line, which the operator shares.
+pub use bio_agent_args::AttachMode;
 
 const PROBE_ORDER: [AttachMode; 4] = [
     AttachMode::TpBtf,
