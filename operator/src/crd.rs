@@ -13,12 +13,16 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The agent's own enums (crate bio-agent-args, feature `crd`): a BioMonitor value is the
+/// value the agent's flag takes, and a new variant reaches both or fails to build.
+pub use bio_agent_args::{AttachMode, AuthMode, LogLevel};
+
 /// Longest accepted BioMonitor name. Children are called `<name>-agent` and a
 /// Service name is a DNS-1035 label (at most 63 characters).
 pub const MAX_NAME_LEN: usize = 57;
 
-/// Default port of the node-agent's /metrics endpoint.
-pub const DEFAULT_AGENT_PORT: i32 = 9435;
+/// Default port of the node-agent's /metrics endpoint: the agent's own default.
+pub const DEFAULT_AGENT_PORT: i32 = bio_agent_args::DEFAULT_PORT as i32;
 
 /// Runs the eBPF block-IO node-agent on a set of nodes and wires its metrics
 /// into Prometheus (Service + ServiceMonitor).
@@ -124,66 +128,6 @@ pub struct DeviceFilter {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub exclude: Vec<String>,
-}
-
-/// Kernel hook the agent attaches its BPF programs to.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachMode {
-    /// Try tp_btf, then raw_tp, then tracepoint, then kprobe.
-    #[default]
-    Auto,
-    /// BTF-enabled raw tracepoints (kernel >= 5.5 with BTF).
-    TpBtf,
-    /// Raw tracepoints (kernel >= 4.17).
-    RawTp,
-    /// Classic tracepoints through tracefs.
-    Tracepoint,
-    /// Kprobes on block-layer functions; last resort, kernel-version sensitive.
-    Kprobe,
-}
-
-impl AttachMode {
-    /// The value the node-agent's `--attach` flag expects.
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::TpBtf => "tp_btf",
-            Self::RawTp => "raw_tp",
-            Self::Tracepoint => "tracepoint",
-            Self::Kprobe => "kprobe",
-        }
-    }
-
-    /// Classic tracepoints are resolved through tracefs; `auto` may fall back
-    /// to them, so it needs tracefs too.
-    pub fn needs_tracefs(self) -> bool {
-        matches!(self, Self::Auto | Self::Tracepoint)
-    }
-}
-
-/// Log verbosity of the node-agent.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Error,
-    Warn,
-    #[default]
-    Info,
-    Debug,
-    Trace,
-}
-
-impl LogLevel {
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Self::Error => "error",
-            Self::Warn => "warn",
-            Self::Info => "info",
-            Self::Debug => "debug",
-            Self::Trace => "trace",
-        }
-    }
 }
 
 /// Same values as a container's `imagePullPolicy`.
@@ -435,27 +379,6 @@ pub struct SecretKeyRef {
     /// Key in the Secret whose value is the token.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
-}
-
-/// Who may read /metrics.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    /// Anyone who can reach the pod.
-    #[default]
-    None,
-    /// A bearer token allowed `get` on the non-resource URL /metrics.
-    Kubernetes,
-}
-
-impl AuthMode {
-    /// The value the node-agent's `--auth` flag expects.
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Kubernetes => "kubernetes",
-        }
-    }
 }
 
 /// Observed state, written only by the operator.

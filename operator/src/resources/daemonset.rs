@@ -1,6 +1,10 @@
 //! The node-agent DaemonSet: one agent per selected node.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use bio_agent_args::{flag, BpfArgs, DeviceArgs, ServeArgs, VolumeArgs};
 
 use k8s_openapi::{
     api::{
@@ -27,8 +31,11 @@ use crate::{
     Result,
 };
 
-/// Where the agent finds the kubelet's volume directories (host and container path).
-pub const KUBELET_ROOT: &str = "/var/lib/kubelet";
+/// Where the agent finds the kubelet's volume directories (host and container path): the
+/// agent's default.
+pub const KUBELET_ROOT: &str = bio_agent_args::DEFAULT_KUBELET_ROOT;
+/// The container's variable holding its node's name (from the downward API).
+const NODE_NAME_ENV: &str = "NODE_NAME";
 /// tracefs; classic tracepoint ids are read from here.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// Where the serving certificate Secret is mounted. The kubelet updates a
@@ -59,7 +66,7 @@ pub fn daemonset(bm: &BioMonitor, settings: &Settings) -> Result<DaemonSet> {
         image_pull_policy: spec.agent.image_pull_policy.map(|p| p.as_str().into()),
         args: Some(agent_args(spec)),
         env: Some(vec![EnvVar {
-            name: "NODE_NAME".into(),
+            name: NODE_NAME_ENV.into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
                     field_path: "spec.nodeName".into(),
@@ -144,43 +151,55 @@ pub fn effective_node_selector(spec: &BioMonitorSpec) -> BTreeMap<String, String
     selector
 }
 
-/// The node-agent command line. `--flag=value` throughout, so a regex that
-/// starts with `-` is not mistaken for a flag.
-pub fn agent_args(spec: &BioMonitorSpec) -> Vec<String> {
-    let mut args = vec![
-        format!("--listen=0.0.0.0:{}", spec.agent.port),
-        "--node-name=$(NODE_NAME)".to_string(),
-        format!("--attach={}", spec.attach.as_arg()),
-    ];
-    for re in &spec.devices.include {
-        args.push(format!("--device-include={}", escape_env_expansion(re)));
+/// The node-agent's settings for a BioMonitor; the agent's own defaults for the rest.
+pub fn agent_settings(spec: &BioMonitorSpec) -> ServeArgs {
+    // The schema bounds the port to 1024..=65535; were it bypassed, the API server refuses the
+    // same number as the containerPort, so this fallback never reaches a pod.
+    let port = u16::try_from(spec.agent.port).unwrap_or(0);
+    let tls_file = |key: &str| {
+        spec.metrics_endpoint
+            .tls
+            .enabled
+            .then(|| Path::new(TLS_DIR).join(key))
+    };
+    ServeArgs {
+        listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        node_name: Some(format!("$({NODE_NAME_ENV})")),
+        devices: DeviceArgs {
+            include: spec.devices.include.clone(),
+            exclude: spec.devices.exclude.clone(),
+        },
+        bpf: BpfArgs {
+            attach: spec.attach,
+        },
+        volumes: VolumeArgs {
+            pv_labels: spec.persistent_volume_labels,
+            kubelet_root: KUBELET_ROOT.into(),
+            host_kubelet_root: None,
+        },
+        tls_cert_file: tls_file(super::tls::TLS_CERT_KEY),
+        tls_key_file: tls_file(super::tls::TLS_KEY_KEY),
+        auth: spec.metrics_endpoint.auth,
+        log_level: spec.agent.log_level.as_str().into(),
+        ..ServeArgs::default()
     }
-    for re in &spec.devices.exclude {
-        args.push(format!("--device-exclude={}", escape_env_expansion(re)));
-    }
-    args.push(format!("--log-level={}", spec.agent.log_level.as_arg()));
-    args.push(format!("--kubelet-root={KUBELET_ROOT}"));
-    args.push(format!("--pv-labels={}", spec.persistent_volume_labels));
-    if spec.metrics_endpoint.tls.enabled {
-        args.push(format!(
-            "--tls-cert-file={TLS_DIR}/{}",
-            super::tls::TLS_CERT_KEY
-        ));
-        args.push(format!(
-            "--tls-key-file={TLS_DIR}/{}",
-            super::tls::TLS_KEY_KEY
-        ));
-    }
-    if spec.metrics_endpoint.auth_enabled() {
-        args.push(format!("--auth={}", spec.metrics_endpoint.auth.as_arg()));
-    }
-    args
 }
 
-/// The kubelet expands `$(VAR)` in args and turns `$$` into `$`; doubling
-/// every `$` makes a regex such as `^sd[a-z]$` arrive unchanged.
-fn escape_env_expansion(s: &str) -> String {
-    s.replace('$', "$$")
+/// The container's args: [`agent_settings`] as the agent's command line. The kubelet expands
+/// `$(VAR)` in args and turns `$$` into `$`, so every `$` is doubled (a regex such as
+/// `^sd[a-z]$` arrives unchanged), except in the node name, the one value it is meant to
+/// expand.
+pub fn agent_args(spec: &BioMonitorSpec) -> Vec<String> {
+    agent_settings(spec)
+        .flags()
+        .into_iter()
+        .map(|mut arg| {
+            if arg.flag != flag::NODE_NAME {
+                arg.value = arg.value.map(|v| v.replace('$', "$$"));
+            }
+            arg.to_string()
+        })
+        .collect()
 }
 
 /// Least privilege that still loads and attaches BPF programs.
@@ -691,5 +710,160 @@ mod tests {
             pod_spec(&ds).priority_class_name.as_deref(),
             Some("system-node-critical")
         );
+    }
+
+    /// The kubelet's expansion of container args (k8s.io/kubernetes
+    /// third_party/forked/golang/expansion): `$$` is a literal `$`, `$(NAME)` the variable's
+    /// value (left as written when undefined), `$(` without `)` and any other `$` stay.
+    fn kubelet_expand(arg: &str, env: &BTreeMap<&str, &str>) -> String {
+        let mut out = String::new();
+        let mut rest = arg;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some((name, tail)) = after
+                .strip_prefix('(')
+                .and_then(|reference| reference.split_once(')'))
+            {
+                match env.get(name) {
+                    Some(value) => out.push_str(value),
+                    None => out.push_str(&format!("$({name})")),
+                }
+                rest = tail;
+            } else {
+                // `$(` without a closing `)`, a lone `$` before anything else, or at the end.
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn kubelet_expansion_model() {
+        let env = BTreeMap::from([("NODE_NAME", "n1")]);
+        for (arg, want) in [
+            ("--node-name=$(NODE_NAME)", "--node-name=n1"),
+            ("$(OTHER)", "$(OTHER)"),
+            ("^sd[a-z]$", "^sd[a-z]$"),
+            ("a$$b", "a$b"),
+            ("$$(NODE_NAME)", "$(NODE_NAME)"),
+            ("$$$", "$$"),
+            ("$(x", "$(x"),
+            ("$x$", "$x$"),
+        ] {
+            assert_eq!(kubelet_expand(arg, &env), want, "{arg}");
+        }
+    }
+
+    fn one_of<T: Clone + std::fmt::Debug + 'static>(
+        v: &[T],
+    ) -> impl proptest::strategy::Strategy<Value = T> {
+        proptest::sample::select(v.to_vec())
+    }
+
+    /// Device patterns as users write them, and with what the kubelet would expand: `$` at the
+    /// end, `$$`, `$(NODE_NAME)`, a leading `-`.
+    fn pattern() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        proptest::prop_oneof![
+            "[-a-z0-9^$().|\\[\\]]{1,12}",
+            "[a-z^]{0,4}\\$(\\(NODE_NAME\\)|\\$|\\(x)?[a-z$]{0,3}",
+        ]
+        .prop_map(String::from)
+    }
+
+    fn spec() -> impl proptest::strategy::Strategy<Value = BioMonitorSpec> {
+        use proptest::prelude::*;
+        use proptest::strategy::Strategy;
+        (
+            proptest::collection::vec(pattern(), 0..4),
+            proptest::collection::vec(pattern(), 0..4),
+            one_of(&[
+                AttachMode::Auto,
+                AttachMode::TpBtf,
+                AttachMode::RawTp,
+                AttachMode::Tracepoint,
+                AttachMode::Kprobe,
+            ]),
+            any::<bool>(),
+            1024..=65535i32,
+            one_of(&[
+                LogLevel::Error,
+                LogLevel::Warn,
+                LogLevel::Info,
+                LogLevel::Debug,
+                LogLevel::Trace,
+            ]),
+            any::<bool>(),
+            one_of(&[AuthMode::None, AuthMode::Kubernetes]),
+        )
+            .prop_map(
+                |(include, exclude, attach, pv_labels, port, log_level, tls, auth)| {
+                    let mut spec = BioMonitorSpec {
+                        devices: DeviceFilter { include, exclude },
+                        attach,
+                        persistent_volume_labels: pv_labels,
+                        ..BioMonitorSpec::default()
+                    };
+                    spec.agent.port = port;
+                    spec.agent.log_level = log_level;
+                    spec.metrics_endpoint.tls.enabled = tls;
+                    spec.metrics_endpoint.auth = auth;
+                    spec
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// What the agent parses from the DaemonSet's args, after the kubelet expanded them, is
+        /// the BioMonitor's settings, with the agent's defaults for what it does not set.
+        #[test]
+        fn the_agent_reads_back_the_spec_from_its_args(spec in spec()) {
+            let env = BTreeMap::from([(NODE_NAME_ENV, "node-7")]);
+            let ds = build(spec.clone());
+            let c = container(&ds);
+            // The env the kubelet expands with is the container's.
+            proptest::prop_assert_eq!(c.env.as_ref().unwrap()[0].name.as_str(), NODE_NAME_ENV);
+            let argv: Vec<String> = std::iter::once("node-agent".to_string())
+                .chain(c.args.iter().flatten().map(|a| kubelet_expand(a, &env)))
+                .collect();
+            let cli = <bio_agent_args::Cli as clap::Parser>::try_parse_from(&argv)
+                .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{argv:?}: {e}")))?;
+            proptest::prop_assert!(cli.command.is_none());
+            let tls_file = |key: &str| {
+                spec.metrics_endpoint
+                    .tls
+                    .enabled
+                    .then(|| std::path::PathBuf::from(format!("{TLS_DIR}/{key}")))
+            };
+            let want = ServeArgs {
+                listen: format!("0.0.0.0:{}", spec.agent.port).parse().unwrap(),
+                node_name: Some("node-7".into()),
+                devices: DeviceArgs {
+                    include: spec.devices.include.clone(),
+                    exclude: spec.devices.exclude.clone(),
+                },
+                bpf: BpfArgs { attach: spec.attach },
+                volumes: VolumeArgs {
+                    pv_labels: spec.persistent_volume_labels,
+                    kubelet_root: KUBELET_ROOT.into(),
+                    host_kubelet_root: None,
+                },
+                tls_cert_file: tls_file("tls.crt"),
+                tls_key_file: tls_file("tls.key"),
+                max_connections: bio_agent_args::DEFAULT_MAX_CONNECTIONS,
+                header_timeout: bio_agent_args::DEFAULT_HEADER_TIMEOUT,
+                shutdown_timeout: bio_agent_args::DEFAULT_SHUTDOWN_TIMEOUT,
+                auth: spec.metrics_endpoint.auth,
+                log_level: spec.agent.log_level.as_str().into(),
+                log_json: false,
+            };
+            proptest::prop_assert_eq!(cli.serve, want, "{:?}", argv);
+        }
     }
 }
