@@ -68,7 +68,11 @@ pub struct BioMonitorSpec {
     #[serde(default = "default_tolerations")]
     pub tolerations: Vec<Toleration>,
 
-    /// Which block devices (by kernel name, e.g. `nvme0n1`, `dm-3`) the agent reports.
+    /// Which block devices the agent reports, by kernel name (e.g. `nvme0n1`, `dm-3`).
+    /// Device filters are unanchored regexes searched for anywhere in the kernel name, like grep
+    /// and node_exporter's `--collector.diskstats.device-exclude`: `^loop` matches loop0 and
+    /// loop12 but not xloop0, and `loop1` matches loop1 and loop10; anchor both ends (`^loop1$`)
+    /// to name exactly one device. Exclude wins over include.
     #[serde(default)]
     pub devices: DeviceFilter,
 
@@ -110,21 +114,18 @@ impl Default for BioMonitorSpec {
     }
 }
 
-/// Device filters; both lists hold regular expressions (Rust `regex` syntax)
-/// searched for, unanchored like grep, in the kernel device name. Exclude wins.
+/// The device filters of `spec.devices`, whose description states their semantics.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceFilter {
-    /// Report only devices whose kernel name matches at least one of these
-    /// regexes (unanchored, like grep: `^nvme` matches nvme0n1, and `sda` also
-    /// matches sda1; write `^sda$` for an exact name). Empty: all devices.
+    /// Report only devices whose kernel name matches at least one of these regexes (Rust
+    /// `regex` syntax, unanchored: see `devices`). Empty: all devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub include: Vec<String>,
 
-    /// Never report devices whose kernel name matches any of these regexes
-    /// (unanchored, like grep: `^loop` excludes loop0, loop1, ...; anchor with
-    /// `^...$` for an exact name). Wins over include.
+    /// Never report devices whose kernel name matches any of these regexes (unanchored: see
+    /// `devices`); wins over include.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub exclude: Vec<String>,
@@ -558,5 +559,76 @@ mod tests {
             spec["serviceMonitor"]["properties"]["enabled"]["default"],
             true
         );
+    }
+
+    /// Issue #11 item 2: the device-filter semantics in one wording, which the agent's --help,
+    /// this CRD, the README and docs/operator.md all carry.
+    const DEVICE_FILTER_SEMANTICS: &str = "Device filters are unanchored regexes searched for \
+        anywhere in the kernel name, like grep and node_exporter's \
+        `--collector.diskstats.device-exclude`: `^loop` matches loop0 and loop12 but not xloop0, \
+        and `loop1` matches loop1 and loop10; anchor both ends (`^loop1$`) to name exactly one \
+        device. Exclude wins over include.";
+
+    fn words(s: &str) -> String {
+        s.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn device_filter_semantics_are_stated_identically_and_their_examples_hold() {
+        use clap::CommandFactory;
+        let crd = serde_json::to_value(crd()).unwrap();
+        let devices = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["devices"]["description"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let help = bio_agent_args::Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(bio_agent_args::flag::DEVICE_INCLUDE))
+            .and_then(|a| a.get_long_help())
+            .map(ToString::to_string)
+            .unwrap();
+        let want = words(DEVICE_FILTER_SEMANTICS);
+        for (place, text) in [
+            ("the CRD's spec.devices", devices),
+            ("the agent's --device-include --help", help),
+            ("README.md", repo_file("README.md")),
+            ("docs/operator.md", repo_file("docs/operator.md")),
+        ] {
+            assert!(
+                words(&text).contains(&want),
+                "{place} does not state: {DEVICE_FILTER_SEMANTICS}"
+            );
+        }
+
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let filter = |include: &[&str], exclude: &[&str]| {
+            bio_device_filter::DeviceFilter::new(&owned(include), &owned(exclude)).unwrap()
+        };
+        let exclude_loop = filter(&[], &["^loop"]);
+        assert!(!exclude_loop.allows("loop0") && !exclude_loop.allows("loop12"));
+        assert!(exclude_loop.allows("xloop0"));
+        let loop1 = filter(&["loop1"], &[]);
+        assert!(loop1.allows("loop1") && loop1.allows("loop10"));
+        let exact = filter(&["^loop1$"], &[]);
+        assert!(exact.allows("loop1") && !exact.allows("loop10"));
+        assert!(!filter(&["^loop"], &["^loop"]).allows("loop0"));
+        // docs/operator.md's examples.
+        let example = filter(&[], &["^loop", "^ram"]);
+        assert!(!example.allows("loop3") && !example.allows("ram0"));
+        assert!(example.allows("zram0") && example.allows("nvme0n1"));
+        let two = filter(&["^(sda|nvme0n1)$"], &[]);
+        assert!(two.allows("sda") && two.allows("nvme0n1") && !two.allows("nvme0n10"));
+        // node_exporter's default exclude pattern, pasted as is (README, docs/operator.md).
+        let node_exporter = filter(
+            &[],
+            &[r"^(z?ram|loop|fd|(h|s|v|xv)d[a-z]|nvme\d+n\d+p)\d+$"],
+        );
+        for gone in ["ram0", "zram0", "loop7", "fd0"] {
+            assert!(!node_exporter.allows(gone), "{gone}");
+        }
+        for kept in ["sda", "vda", "xvda", "nvme0n1", "dm-0", "md0"] {
+            assert!(node_exporter.allows(kept), "{kept}");
+        }
     }
 }

@@ -129,9 +129,10 @@ pub struct DeviceArgs {
     /// [default: all devices].
     ///
     /// Device filters are unanchored regexes searched for anywhere in the kernel name, like grep
-    /// and node_exporter's --collector.diskstats.device-exclude: `^loop` matches loop0 and
+    /// and node_exporter's `--collector.diskstats.device-exclude`: `^loop` matches loop0 and
     /// loop12 but not xloop0, and `loop1` matches loop1 and loop10; anchor both ends
-    /// (`^loop1$`) to name exactly one device. Exclude wins over include.
+    /// (`^loop1$`) to name exactly one device. Exclude wins over include. The syntax is the Rust
+    /// `regex` crate's, so node_exporter's default exclude pattern works as is.
     #[arg(long = flag::DEVICE_INCLUDE, value_name = "REGEX")]
     pub include: Vec<String>,
 
