@@ -200,6 +200,10 @@ def load(name):
 def pod(ds): return ds["spec"]["template"]["spec"]
 def ctr(ds): return pod(ds)["containers"][0]
 def sc(ds): return ctr(ds)["securityContext"]
+# The values of the agent's args. Which flag carries which value is the operator's unit and
+# property tests' business (they parse the args with the agent's own parser); here: what the
+# API server stored.
+def arg_values(ds): return {a.partition("=")[2] for a in ctr(ds)["args"]}
 def subset(a, b): return all((b or {}).get(k) == v for k, v in (a or {}).items())
 def owned_by_monitor(obj, name, uid):
     refs = obj["metadata"].get("ownerReferences") or []
@@ -408,7 +412,7 @@ pyck "agent: mounts read-only, kubelet root with HostToContainer" ds 'sorted(m["
 pyck "agent: container port metrics/9435" ds 'ctr(o)["ports"] == [{"name": "metrics", "containerPort": 9435, "protocol": "TCP"}]'
 pyck "agent: probes /readyz and /healthz on the named port" ds 'ctr(o)["readinessProbe"]["httpGet"]["path"] == "/readyz" and ctr(o)["livenessProbe"]["httpGet"]["path"] == "/healthz" and ctr(o)["readinessProbe"]["httpGet"]["port"] == ctr(o)["livenessProbe"]["httpGet"]["port"] == "metrics"'
 pyck "agent: NODE_NAME from spec.nodeName" ds 'ctr(o)["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}}]'
-pyck "agent: args (\$ escaped for the kubelet, node name, attach, PV labels)" ds '{"--device-exclude=^sd[a-z]$$", "--device-exclude=^loop", "--node-name=$(NODE_NAME)", "--attach=auto", "--pv-labels=true", "--listen=0.0.0.0:9435"} <= set(ctr(o)["args"])'
+pyck "agent: args stored with \$ doubled for the kubelet and the node name as \$(NODE_NAME)" ds '{"^sd[a-z]$$", "^loop", "$(NODE_NAME)"} <= arg_values(o)'
 pyck "agent: own ServiceAccount with a token (PV labels on)" ds 'pod(o)["serviceAccountName"] == "disks-agent" and pod(o)["automountServiceAccountToken"] is True'
 pyck "agent: default tolerations tolerate every taint" ds 'pod(o)["tolerations"] == [{"operator": "Exists"}]'
 pyck "agent: image from --agent-image" ds 'ctr(o)["image"] == "example.invalid/node-agent:e2e"'
@@ -466,7 +470,7 @@ wait_for 60 "changed spec -> Ready=True (rolled out)" cond_is "$AGENT_NS" disks 
 wait_for 10 "observedGeneration advanced" gen_observed "$AGENT_NS" disks
 save ds ds -n "$AGENT_NS" disks-agent
 export DS_GEN OLD_HASH
-pyck "DaemonSet template changed (generation advanced, new args)" ds 'o["metadata"]["generation"] > int(E["DS_GEN"]) and {"--log-level=debug", "--device-include=^nvme\\d+n\\d+$$"} <= set(ctr(o)["args"])'
+pyck "DaemonSet template changed (generation advanced, new args)" ds 'o["metadata"]["generation"] > int(E["DS_GEN"]) and {"debug", "^nvme\\d+n\\d+$$"} <= arg_values(o)'
 pyck "DaemonSet controller rolled every agent" ds 'o["status"]["observedGeneration"] == o["metadata"]["generation"] and o["status"]["updatedNumberScheduled"] == o["status"]["numberReady"] == 3'
 save pods pods -n "$AGENT_NS" -l app.kubernetes.io/instance=disks
 pyck "agent pods replaced by the new revision" pods 'len(o["items"]) == 3 and all(p["metadata"]["labels"]["controller-revision-hash"] != E["OLD_HASH"] for p in o["items"])'
@@ -538,7 +542,7 @@ for name in rej-tol rej-req rej-lots rej-sel; do
 done
 # Meanwhile the other BioMonitor still rolls out a change.
 k patch biomonitor -n "$AGENT_NS" disks --type merge -p '{"spec":{"agent":{"logLevel":"warn"}}}' >/dev/null
-wait_for 30 "disks keeps reconciling beside the rejected specs" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- --log-level=warn"
+wait_for 30 "disks keeps reconciling beside the rejected specs" bash -c "KUBECONFIG=$ADMIN_KUBECONFIG kubectl get ds -n $AGENT_NS disks-agent -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- '=warn\"'"
 wait_for 30 "disks observedGeneration follows" gen_observed "$AGENT_NS" disks
 # Fixing one field and breaking another: the condition follows the new problem.
 k patch biomonitor -n "$AGENT_NS" rej-tol --type merge -p '{"spec":{"tolerations":[{"operator":"Exists"}],"nodeSelector":{"bad key!":"x","bio-e2e-nowhere":"x"}}}' >/dev/null
@@ -578,8 +582,8 @@ pyck "ServiceMonitor: https, CA from the serving Secret, serverName = Service DN
   "tlsConfig": {"ca": {"secret": {"name": "secure-agent-tls", "key": "ca.crt"}}, "serverName": E["SECURE_DNS"]},
   "bearerTokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token", "authorization": None}]'
 save ds-secure ds -n "$AGENT_NS" secure-agent
-pyck "DaemonSet: --tls-cert-file/--tls-key-file from the mounted Secret, --auth=kubernetes" ds-secure '
-{"--tls-cert-file=/etc/bio-exporter/tls/tls.crt", "--tls-key-file=/etc/bio-exporter/tls/tls.key", "--auth=kubernetes"} <= set(ctr(o)["args"])'
+pyck "DaemonSet: args name the mounted Secret's files and auth kubernetes (the agent below runs with them)" ds-secure '
+{"/etc/bio-exporter/tls/tls.crt", "/etc/bio-exporter/tls/tls.key", "kubernetes"} <= arg_values(o)'
 pyck "DaemonSet: serving Secret volume (mode 0400) mounted read-only, nothing else" ds-secure '
 pod(o)["volumes"] == [{"name": "tls", "secret": {"secretName": "secure-agent-tls", "defaultMode": 0o400}}] and
 ctr(o)["volumeMounts"] == [{"name": "tls", "mountPath": "/etc/bio-exporter/tls", "readOnly": True}]'
@@ -620,9 +624,26 @@ else
   PROM_TOKEN="$(k create token -n "$AGENT_NS" prometheus)"
   NOBODY_TOKEN="$(k create token -n "$AGENT_NS" nobody)"
   AGENT_PORT="$(free_port)"
-  KUBECONFIG="$OUT/secure-agent.kubeconfig" "$AGENT_BIN" --listen "127.0.0.1:$AGENT_PORT" --node-name e2e \
-    --attach tp_btf --tls-cert-file "$TLS/tls.crt" --tls-key-file "$TLS/tls.key" --auth kubernetes \
-    >"$OUT/agent.log" 2>&1 &
+  # The secure DaemonSet's own args, as the kubelet passes them ($$ -> $, $(NODE_NAME) -> e2e),
+  # with two host differences: the Secret's files from $TLS instead of the mount, and
+  # 127.0.0.1:$AGENT_PORT instead of the container port.
+  python3 - "$OUT/ds-secure.json" "$TLS" "$AGENT_PORT" >"$OUT/agent.args" <<'PY'
+import json, re, sys
+ds, tls_dir, port = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+c = ds["spec"]["template"]["spec"]["containers"][0]
+mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+listen = "0.0.0.0:%d" % c["ports"][0]["containerPort"]
+env = {"NODE_NAME": "e2e"}
+def kubelet(a):
+    return re.sub(r"\$(\$|\(([^)]*)\))",
+                  lambda m: "$" if m.group(1) == "$" else env.get(m.group(2), m.group(0)), a)
+for a in map(kubelet, c["args"]):
+    a = a.replace("=" + mount + "/", "=" + tls_dir + "/").replace("=" + listen, "=127.0.0.1:" + port)
+    sys.stdout.write(a + "\0")
+PY
+  mapfile -d '' AGENT_ARGS <"$OUT/agent.args"
+  log "node-agent ${AGENT_ARGS[*]}"
+  KUBECONFIG="$OUT/secure-agent.kubeconfig" "$AGENT_BIN" "${AGENT_ARGS[@]}" >"$OUT/agent.log" 2>&1 &
   AGENT_PID=$!
   PIDS+=("$AGENT_PID")
   # scrape [curl args...] -> HTTP status (000 when TLS fails), via the Service's name.
