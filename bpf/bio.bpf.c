@@ -134,6 +134,18 @@ __u64 classic_empty_writes = 0;
 
 static struct hist zero_hist;
 
+/*
+ * Read by no program. The agent's Rust types are generated from this object's BTF, and BTF holds
+ * only the types something in the object is declared with: these two enums are otherwise used as
+ * constants only. This variable puts them there for 8 bytes of .rodata, a map the object has
+ * anyway: no instruction, no map, nothing per IO. The lost_events array cannot be keyed by enum
+ * lost_reason instead: the kernel takes only an integer as an array map's key type.
+ */
+static const struct abi_enums {
+	enum lost_reason lost_reason;
+	enum classic_op classic_op;
+} abi_enums __attribute__((used));
+
 static __always_inline void count_lost(__u32 reason)
 {
 	__u64 *n = bpf_map_lookup_elem(&lost_events, &reason);

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
 /*
- * Types shared by the BPF programs and the node-agent (node-agent/src/bpf/maps.rs mirrors them
- * byte for byte; a unit test there checks the sizes).
+ * Types shared by the BPF programs and the node-agent. The agent does not mirror them: build.rs
+ * generates Rust types from this object's BTF (libbpf-cargo), and node-agent/src/snapshot.rs and
+ * node-agent/src/ops.rs read the maps through those, so a change here fails the agent's build or
+ * its unit tests until the agent follows.
  */
 #ifndef BIO_TYPES_H
 #define BIO_TYPES_H
@@ -16,17 +18,21 @@
 /*
  * Operation codes in classic-tracepoint mode, where only the rwbs string names the operation.
  * They live above every REQ_OP value (REQ_OP_MASK is 8 bits), so one key space serves all modes.
+ * An enum, not #defines, so that the agent's Rust type for them is generated from the object's
+ * BTF (see abi_enums in bio.bpf.c).
  */
 #define CLASSIC_OP_BASE 0x100
-#define CLASSIC_OP_READ (CLASSIC_OP_BASE + 0)
-#define CLASSIC_OP_WRITE (CLASSIC_OP_BASE + 1)
-#define CLASSIC_OP_FLUSH (CLASSIC_OP_BASE + 2)
-#define CLASSIC_OP_DISCARD (CLASSIC_OP_BASE + 3)
-#define CLASSIC_OP_OTHER (CLASSIC_OP_BASE + 0xff)
+enum classic_op {
+	CLASSIC_OP_READ = CLASSIC_OP_BASE + 0,
+	CLASSIC_OP_WRITE = CLASSIC_OP_BASE + 1,
+	CLASSIC_OP_FLUSH = CLASSIC_OP_BASE + 2,
+	CLASSIC_OP_DISCARD = CLASSIC_OP_BASE + 3,
+	CLASSIC_OP_OTHER = CLASSIC_OP_BASE + 0xff,
+};
 
 struct hist_key {
 	__u32 dev; /* kernel dev_t of the whole disk: major << 20 | minor */
-	__u32 op;  /* REQ_OP_* of the running kernel, or CLASSIC_OP_* */
+	__u32 op;  /* REQ_OP_* of the running kernel, or an enum classic_op */
 };
 
 struct hist {
