@@ -121,14 +121,7 @@ pub fn name_hists(
         let entry = merged
             .entry((device, operation, volume))
             .or_insert_with(|| DeviceOpHist::empty(h.dev, h.op));
-        for k in 0..LOG2_SLOTS {
-            entry.latency_slots[k] += h.latency_slots[k];
-            entry.size_slots[k] += h.size_slots[k];
-        }
-        entry.latency_sum_ns += h.latency_sum_ns;
-        entry.size_sum_bytes += h.size_sum_bytes;
-        entry.errors += h.errors;
-        entry.queue.add(&h.queue);
+        entry.add(&h);
     }
     merged
         .into_iter()

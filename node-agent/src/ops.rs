@@ -4,18 +4,24 @@
 //! (`enum req_op`) when it has one; the table below is the layout of current kernels, for the rest.
 use std::collections::HashMap;
 
-/// Classic tracepoints only see the rwbs string; these codes mirror CLASSIC_OP_* in bpf/bio_types.h.
-pub const CLASSIC_OP_BASE: u32 = 0x100;
-pub const CLASSIC_READ: u32 = CLASSIC_OP_BASE;
-pub const CLASSIC_WRITE: u32 = CLASSIC_OP_BASE + 1;
-pub const CLASSIC_FLUSH: u32 = CLASSIC_OP_BASE + 2;
-pub const CLASSIC_DISCARD: u32 = CLASSIC_OP_BASE + 3;
-const CLASSIC_OPS: [(u32, &str); 5] = [
-    (CLASSIC_READ, "read"),
-    (CLASSIC_WRITE, "write"),
-    (CLASSIC_FLUSH, "flush"),
-    (CLASSIC_DISCARD, "discard"),
-    (CLASSIC_OP_BASE + 0xff, "other"),
+use crate::bpf::types::classic_op;
+
+/// Classic tracepoints only see the rwbs string; their codes are `enum classic_op` of
+/// bpf/bio_types.h, above every REQ_OP value.
+pub const CLASSIC_READ: u32 = classic_op::CLASSIC_OP_READ.0;
+pub const CLASSIC_WRITE: u32 = classic_op::CLASSIC_OP_WRITE.0;
+pub const CLASSIC_FLUSH: u32 = classic_op::CLASSIC_OP_FLUSH.0;
+pub const CLASSIC_DISCARD: u32 = classic_op::CLASSIC_OP_DISCARD.0;
+/// The lowest classic code (CLASSIC_OP_BASE): every code at or above it is a classic one.
+pub const CLASSIC_OP_BASE: u32 = CLASSIC_READ;
+/// The name of each `enum classic_op` enumerator; the unit tests check that every enumerator of
+/// the object's BTF is here.
+pub const CLASSIC_OPS: [(classic_op, &str); 5] = [
+    (classic_op::CLASSIC_OP_READ, "read"),
+    (classic_op::CLASSIC_OP_WRITE, "write"),
+    (classic_op::CLASSIC_OP_FLUSH, "flush"),
+    (classic_op::CLASSIC_OP_DISCARD, "discard"),
+    (classic_op::CLASSIC_OP_OTHER, "other"),
 ];
 
 /// enum req_op of Linux 5.19 and later.
@@ -71,7 +77,7 @@ impl OpNames {
     }
 
     fn with_classic(mut names: HashMap<u32, String>) -> Self {
-        names.extend(CLASSIC_OPS.iter().map(|(v, n)| (*v, n.to_string())));
+        names.extend(CLASSIC_OPS.iter().map(|(v, n)| (v.0, n.to_string())));
         Self { names }
     }
 
@@ -119,6 +125,32 @@ mod tests {
         for ops in [OpNames::current_kernel(), OpNames::from_enumerators([])] {
             assert_eq!(ops.name(CLASSIC_OP_BASE), "read");
             assert_eq!(ops.name(CLASSIC_OP_BASE + 0xff), "other");
+        }
+    }
+
+    /// Every enumerator of the object's `enum classic_op` (what classic_op() in bio.bpf.c can
+    /// return) is named here under its own name; an operation added in the C without a name
+    /// fails this.
+    #[test]
+    fn every_classic_op_of_the_object_is_named() {
+        let in_object = crate::bpf::object_enumerators("classic_op");
+        assert_eq!(in_object.len(), CLASSIC_OPS.len(), "{in_object:?}");
+        for (name, value) in in_object {
+            let label = name
+                .strip_prefix("CLASSIC_OP_")
+                .unwrap()
+                .to_ascii_lowercase();
+            assert!(
+                CLASSIC_OPS
+                    .iter()
+                    .any(|(op, n)| i64::from(op.0) == value && *n == label),
+                "{name} = {value:#x}"
+            );
+            // Above every REQ_OP (REQ_OP_MASK is 8 bits): one key space serves all modes.
+            assert!(
+                value >= i64::from(CLASSIC_OP_BASE) && value > 0xff,
+                "{name}"
+            );
         }
     }
 }

@@ -9,7 +9,7 @@
 //! restarting, because a lower value under the same labels would read as a counter reset.
 use std::collections::HashMap;
 
-use crate::snapshot::{DeviceOpHist, LOG2_SLOTS};
+use crate::snapshot::DeviceOpHist;
 
 /// Label sets remembered per device besides the current one. Each costs one histogram per
 /// operation; a device relabelled more often than this (pathological churn) restarts the oldest
@@ -107,7 +107,7 @@ impl<L: Clone + PartialEq> Device<L> {
             .into_iter()
             .map(|(op, h)| {
                 let base = match resumed.get(&op) {
-                    Some(r) => minus(&h, r),
+                    Some(r) => h.minus(r),
                     None => h,
                 };
                 (op, base)
@@ -118,25 +118,10 @@ impl<L: Clone + PartialEq> Device<L> {
     /// The kernel's totals `h` as counted under the current labels.
     fn current(&self, h: &DeviceOpHist) -> DeviceOpHist {
         match self.baseline.get(&h.op) {
-            Some(base) => minus(h, base),
+            Some(base) => h.minus(base),
             None => h.clone(),
         }
     }
-}
-
-/// Slot-wise difference. Kernel totals only grow, so saturation never hides IO; it only guards
-/// against a baseline from a map entry that was recreated.
-fn minus(now: &DeviceOpHist, base: &DeviceOpHist) -> DeviceOpHist {
-    let mut d = DeviceOpHist::empty(now.dev, now.op);
-    for k in 0..LOG2_SLOTS {
-        d.latency_slots[k] = now.latency_slots[k].saturating_sub(base.latency_slots[k]);
-        d.size_slots[k] = now.size_slots[k].saturating_sub(base.size_slots[k]);
-    }
-    d.latency_sum_ns = now.latency_sum_ns.saturating_sub(base.latency_sum_ns);
-    d.size_sum_bytes = now.size_sum_bytes.saturating_sub(base.size_sum_bytes);
-    d.errors = now.errors.saturating_sub(base.errors);
-    d.queue = now.queue.minus(&base.queue);
-    d
 }
 
 #[cfg(test)]

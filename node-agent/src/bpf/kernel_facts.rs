@@ -61,9 +61,10 @@ impl KernelFacts {
 impl KernelFacts {
     /// Operation codes most disks see, whose histogram entries are created ahead of time.
     pub fn common_ops(&self, mode: super::AttachMode) -> Vec<u32> {
-        const CLASSIC: [u32; 5] = [0x100, 0x101, 0x102, 0x103, 0x1ff];
         match mode {
-            super::AttachMode::Tracepoint => CLASSIC.to_vec(),
+            super::AttachMode::Tracepoint => {
+                crate::ops::CLASSIC_OPS.iter().map(|(op, _)| op.0).collect()
+            }
             _ => ["read", "write", "flush", "discard"]
                 .iter()
                 .filter_map(|n| self.ops.code(n))

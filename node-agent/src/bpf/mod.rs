@@ -8,6 +8,11 @@ mod recursion;
 mod skel;
 mod topology;
 
+#[cfg(test)]
+pub use skel::object_enumerators;
+/// The Rust types generated from the object's BTF: map keys and values, enums, globals.
+pub use skel::types;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
 
 use crate::snapshot::{
-    parse_key, DeviceOpHist, LayoutError, Snapshot, HIST_KEY_SIZE, HIST_VALUE_SIZE,
+    key_bytes, DeviceOpHist, LayoutError, Snapshot, HIST_KEY_SIZE, HIST_VALUE_SIZE,
     KERNEL_LOST_REASONS, LOST_NO_START_TIME, LOST_PROGRAM_RECURSION, LOST_REASONS, LOST_UNOBSERVED,
 };
 use crate::unobserved::{self, DiskStat, Reading, Unobserved, GROUPS};
@@ -273,7 +278,7 @@ fn precreate_entries(hists: &MapHandle, ops: &[u32], sys_block: &Path, st: &mut 
             continue;
         }
         for &op in ops {
-            let key = crate::snapshot::key_bytes(dev, op);
+            let key = key_bytes(types::hist_key { dev, op });
             // EEXIST: the kernel side was first; either way the entry exists.
             let _ = hists.update_percpu(&key, &zero, MapFlags::NO_EXIST);
         }
@@ -453,12 +458,7 @@ impl MapReader {
     fn read_hists(&self) -> Result<Vec<DeviceOpHist>, BpfError> {
         let mut hists = Vec::new();
         let batched = lookup_percpu_batch(&self.hists, HIST_KEY_SIZE, |key, per_cpu| {
-            let (dev, op) = parse_key(key)?;
-            let mut h = DeviceOpHist::empty(dev, op);
-            for cpu_value in per_cpu {
-                h.add_cpu_value(cpu_value)?;
-            }
-            hists.push(h);
+            hists.push(DeviceOpHist::from_cpu_values(key, per_cpu.iter().copied())?);
             Ok(())
         })
         .map_err(|e| match e {
@@ -472,7 +472,6 @@ impl MapReader {
             return Ok(hists);
         }
         for key in self.hists.keys() {
-            let (dev, op) = parse_key(&key)?;
             // A pair is never deleted, so None only means a race with map teardown.
             let Some(per_cpu) =
                 self.hists
@@ -484,11 +483,10 @@ impl MapReader {
             else {
                 continue;
             };
-            let mut h = DeviceOpHist::empty(dev, op);
-            for cpu_value in &per_cpu {
-                h.add_cpu_value(cpu_value)?;
-            }
-            hists.push(h);
+            hists.push(DeviceOpHist::from_cpu_values(
+                &key,
+                per_cpu.iter().map(Vec::as_slice),
+            )?);
         }
         Ok(hists)
     }
@@ -610,7 +608,8 @@ fn lookup_percpu_batch(
 ) -> Result<bool, BatchError> {
     let cpus = libbpf_rs::num_possible_cpus().map_err(BatchError::Read)?;
     // The kernel lays per-CPU values out at 8-byte strides, CPU after CPU.
-    let stride = (map.value_size() as usize).next_multiple_of(8);
+    let value_size = map.value_size() as usize;
+    let stride = value_size.next_multiple_of(8);
     let mut keys = vec![0u8; LOOKUP_BATCH * key_size];
     let mut values = vec![0u8; LOOKUP_BATCH * stride * cpus];
     // The hash map's batch position is a u32 bucket index; 8 bytes leave room.
@@ -653,7 +652,7 @@ fn lookup_percpu_batch(
         for i in 0..(count as usize).min(LOOKUP_BATCH) {
             let value = &values[i * stride * cpus..(i + 1) * stride * cpus];
             per_cpu.clear();
-            per_cpu.extend(value.chunks_exact(stride));
+            per_cpu.extend(value.chunks_exact(stride).map(|v| &v[..value_size]));
             each(&keys[i * key_size..(i + 1) * key_size], &per_cpu)?;
         }
         if done {
