@@ -97,7 +97,7 @@ pub struct DeviceVolumes {
 }
 
 /// Whether the kernel counted anything for a pair. Entries made ahead of a pair's first IO
-/// (see Attached::precreate_entries) stay hidden until it has.
+/// (see precreate_entries in bpf/attach.rs) stay hidden until it has.
 pub fn did_io(h: &DeviceOpHist) -> bool {
     h.count() > 0 || h.errors > 0
 }
