@@ -7,8 +7,9 @@
  * (zram, device-mapper, md) never make requests, so they are measured at the bio tracepoints.
  *
  * One object holds every attach mode; the agent enables the programs of exactly one mode before
- * loading (see node-agent/src/bpf/attach.rs). Programs only count into slots: naming devices and
- * operations, filtering and formatting happen in user space at scrape time.
+ * loading (node-agent/src/bpf/programs.rs lists each mode's programs, attach.rs loads and
+ * attaches them; maps.rs reads what they count). Programs only count into slots: naming devices
+ * and operations, filtering and formatting happen in user space at scrape time.
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
