@@ -146,11 +146,16 @@ impl DeviceOpHist {
         per_cpu: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Self, LayoutError> {
         let key = parse_key(key)?;
-        let mut sum = Self::empty(key.dev, key.op);
+        let mut sum: Option<Self> = None;
         for bytes in per_cpu {
-            sum.add(&Self::from_map(key, &parse_value(bytes)?));
+            let cpu = Self::from_map(key, &parse_value(bytes)?);
+            // The first CPU's value is the sum so far: one pass fewer over the counters.
+            match &mut sum {
+                Some(sum) => sum.add(&cpu),
+                None => sum = Some(cpu),
+            }
         }
-        Ok(sum)
+        Ok(sum.unwrap_or_else(|| Self::empty(key.dev, key.op)))
     }
 
     /// Every observation lands in exactly one latency slot, so this is the IO count.
@@ -160,34 +165,33 @@ impl DeviceOpHist {
 
     /// Counter-wise `self + other`: summing CPUs, and merging pairs that export the same series.
     pub fn add(&mut self, other: &Self) {
-        *self = self.zip_counters(other, |a, b| a + b);
+        self.zip_counters(other, |a, b| a + b);
     }
 
     /// Counter-wise `self - base`, saturating: kernel totals only grow, so saturation never hides
     /// IO; it only guards against a baseline from a map entry that was recreated.
     pub fn minus(&self, base: &Self) -> Self {
-        self.zip_counters(base, u64::saturating_sub)
+        let mut d = self.clone();
+        d.zip_counters(base, u64::saturating_sub);
+        d
     }
 
-    /// `f` applied to each pair of counters (every slot, sum and error count) of `self` and
-    /// `other`, keeping `self`'s device and operation: the one place that lists a histogram's
-    /// counters for arithmetic.
-    fn zip_counters(&self, other: &Self, f: impl Fn(u64, u64) -> u64) -> Self {
-        let slots =
-            |a: &[u64; LOG2_SLOTS], b: &[u64; LOG2_SLOTS]| std::array::from_fn(|k| f(a[k], b[k]));
-        Self {
-            dev: self.dev,
-            op: self.op,
-            latency_slots: slots(&self.latency_slots, &other.latency_slots),
-            size_slots: slots(&self.size_slots, &other.size_slots),
-            latency_sum_ns: f(self.latency_sum_ns, other.latency_sum_ns),
-            size_sum_bytes: f(self.size_sum_bytes, other.size_sum_bytes),
-            errors: f(self.errors, other.errors),
-            queue: QueueHist {
-                slots: slots(&self.queue.slots, &other.queue.slots),
-                sum_ns: f(self.queue.sum_ns, other.queue.sum_ns),
-            },
-        }
+    /// Sets each counter (every slot, sum and error count) of `self` to `f` of it and `other`'s,
+    /// keeping `self`'s device and operation: the one place that lists a histogram's counters
+    /// for arithmetic. In place: it runs per CPU per map entry on every scrape.
+    fn zip_counters(&mut self, other: &Self, f: impl Fn(u64, u64) -> u64) {
+        let slots = |a: &mut [u64; LOG2_SLOTS], b: &[u64; LOG2_SLOTS]| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = f(*x, *y);
+            }
+        };
+        slots(&mut self.latency_slots, &other.latency_slots);
+        slots(&mut self.size_slots, &other.size_slots);
+        slots(&mut self.queue.slots, &other.queue.slots);
+        self.latency_sum_ns = f(self.latency_sum_ns, other.latency_sum_ns);
+        self.size_sum_bytes = f(self.size_sum_bytes, other.size_sum_bytes);
+        self.errors = f(self.errors, other.errors);
+        self.queue.sum_ns = f(self.queue.sum_ns, other.queue.sum_ns);
     }
 }
 
@@ -205,7 +209,12 @@ fn u32_at(bytes: &[u8], offset: usize) -> u32 {
 }
 
 fn slots_at(bytes: &[u8], offset: usize) -> [u64; LOG2_SLOTS] {
-    std::array::from_fn(|k| u64_at(bytes, offset + k * 8))
+    let mut slots = [0u64; LOG2_SLOTS];
+    let (words, _) = bytes[offset..offset + LOG2_SLOTS * 8].as_chunks::<8>();
+    for (slot, word) in slots.iter_mut().zip(words) {
+        *slot = u64::from_ne_bytes(*word);
+    }
+    slots
 }
 
 fn check_size(what: &'static str, expected: usize, got: usize) -> Result<(), LayoutError> {
