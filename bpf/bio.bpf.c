@@ -107,7 +107,8 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, MAX_HIST_KEYS);
-	/* Allocate per pair on first IO: preallocating 4096 x 1 KiB per CPU would waste memory. */
+	/* Allocate per pair on first IO: preallocating MAX_HIST_KEYS x 1568 bytes per CPU (24 MiB)
+	 * would waste memory. */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct hist_key);
 	__type(value, struct hist);

@@ -147,7 +147,8 @@ impl MapReader {
     }
 }
 
-/// Entries per BPF_MAP_LOOKUP_BATCH call; bounds the value buffer to this x 1 KiB x CPUs.
+/// Entries per BPF_MAP_LOOKUP_BATCH call; bounds the value buffer to this x struct hist (1568
+/// bytes) x CPUs.
 const LOOKUP_BATCH: usize = 256;
 
 #[derive(Debug)]
