@@ -31,17 +31,30 @@ pub struct Discovery {
 #[derive(Debug, Default)]
 pub struct Memo {
     inline: HashMap<PathBuf, bool>,
+    /// A mounted CSI volume's vol_data.json could not be read: no signal says when it can be,
+    /// so the next discovery scans again.
+    unresolved: bool,
 }
 
-#[cfg(test)]
 impl Memo {
+    pub fn unresolved(&self) -> bool {
+        self.unresolved
+    }
+
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.inline.is_empty()
     }
 }
 
 impl Discovery {
-    pub fn scan(&self, memo: &mut Memo) -> Vec<Found> {
+    /// `before_listing` sees each kubelet directory before it is listed (see
+    /// [`kubelet::pod_block_links`]).
+    pub fn scan(
+        &self,
+        memo: &mut Memo,
+        before_listing: &mut dyn FnMut(&Path, kubelet::PodDir) -> bool,
+    ) -> Vec<Found> {
         // mountinfo holds resolved paths; the configured root may go through a symlink.
         let root =
             std::fs::canonicalize(&self.kubelet_root).unwrap_or_else(|_| self.kubelet_root.clone());
@@ -67,7 +80,7 @@ impl Discovery {
             .collect();
         // Only what is still mounted: the memo cannot grow with pod churn.
         *memo = still_mounted;
-        for rel in kubelet::pod_block_links(&root) {
+        for rel in kubelet::pod_block_links(&root, before_listing) {
             let Some(volume) = kubelet::classify(&rel) else {
                 tracing::debug!(path = %rel.display(), "not a PV name; skipping");
                 continue;
@@ -108,8 +121,11 @@ impl Discovery {
                 Some(&known) => Some(known),
                 None => kubelet::is_inline_csi_volume(dir),
             };
-            if let Some(inline) = inline {
-                still_mounted.inline.insert(dir.to_path_buf(), inline);
+            match inline {
+                Some(inline) => {
+                    still_mounted.inline.insert(dir.to_path_buf(), inline);
+                }
+                None => still_mounted.unresolved = true,
             }
             if inline == Some(true) {
                 tracing::debug!(path = %point.display(), "inline CSI volume, not a PV; skipping");

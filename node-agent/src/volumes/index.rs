@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use super::dev_id::DevId;
 use super::kubelet::PvKey;
 use super::pv_store::PvStore;
-use super::sysfs::{Stack, Sysfs};
+use super::sysfs::{any_unknown, Stack, Sysfs};
 
 pub const LABEL_PV: &str = "persistentvolume";
 pub const LABEL_PVC: &str = "persistentvolumeclaim";
@@ -111,23 +111,75 @@ pub struct Found {
     pub path: PathBuf,
 }
 
-pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
-    let mut stacks: HashMap<DevId, Stack> = HashMap::new();
-    let mut stack_of = |dev: DevId| {
-        stacks
-            .entry(dev)
-            .or_insert_with(|| sysfs.stack(dev))
-            .clone()
-    };
+/// What the node says, apart from the PV objects: the volumes found, and the sysfs facts about
+/// every device under them. Gathering it costs system calls; [`build`] joins it with the PV
+/// watch cache without any, so a change of PV objects never needs a scan of the node.
+#[derive(Debug, Default)]
+pub struct NodeFacts {
+    pub found: Vec<Found>,
+    /// The stack below every device a found volume touches.
+    stacks: HashMap<DevId, Stack>,
+    /// The holders and partitions of each of those devices.
+    users: HashMap<DevId, Vec<Option<DevId>>>,
+}
+
+impl NodeFacts {
+    /// Reads sysfs for the devices under `found`. Facts about a device in `known` are taken from
+    /// it instead: the caller passes the previous facts while the node's set of block devices
+    /// has not changed. Only the devices `found` needs are kept, so this never grows with churn.
+    pub fn gather(found: Vec<Found>, sysfs: &Sysfs, known: Option<&NodeFacts>) -> Self {
+        let mut stacks: HashMap<DevId, Stack> = HashMap::new();
+        let mut stack_of = |dev: DevId| -> Stack {
+            stacks
+                .entry(dev)
+                .or_insert_with(|| {
+                    known
+                        .and_then(|k| k.stacks.get(&dev).cloned())
+                        .unwrap_or_else(|| sysfs.stack(dev))
+                })
+                .clone()
+        };
+        // Every device a volume's IO touches, whether or not its PV resolves: which ones do
+        // depends on the PV store, which `build` reads later.
+        let mut touched = HashSet::new();
+        for f in &found {
+            touched.extend(stack_of(f.dev).touched);
+        }
+        let mut users = HashMap::new();
+        for &d in &touched {
+            // A device with foreign IO passes it to its whole stack, so `build` may need it.
+            stack_of(d);
+            let u = known
+                .and_then(|k| k.users.get(&d).cloned())
+                .unwrap_or_else(|| sysfs.users(d));
+            users.insert(d, u);
+        }
+        Self {
+            found,
+            stacks,
+            users,
+        }
+    }
+
+    fn stack(&self, dev: DevId) -> Stack {
+        self.stacks.get(&dev).cloned().unwrap_or_else(|| Stack {
+            // Not gathered: stands for itself, as a device sysfs does not know does.
+            measured: [dev].into(),
+            touched: [dev].into(),
+        })
+    }
+}
+
+pub fn build(node: &NodeFacts, pvs: &PvStore) -> VolumeIndex {
     let mut names = Names::new(pvs);
     let mut members: BTreeMap<DevId, BTreeMap<String, PvInfo>> = BTreeMap::new();
     let mut touched = HashSet::new();
     let mut foreign_roots = Vec::new();
-    for f in found {
+    for f in &node.found {
         let Some(info) = names.resolve(f) else {
             continue;
         };
-        let stack = stack_of(f.dev);
+        let stack = node.stack(f.dev);
         tracing::debug!(pv = %info.pv, device = %f.dev, path = %f.path.display(), "PV found");
         for d in &stack.measured {
             let on_device = members.entry(*d).or_default();
@@ -140,15 +192,15 @@ pub fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
             foreign_roots.push(f.dev);
         }
     }
-    foreign_roots.extend(
-        touched
-            .iter()
-            .filter(|d| sysfs.has_unknown_users(**d, &touched)),
-    );
+    foreign_roots.extend(touched.iter().filter(|d| {
+        node.users
+            .get(d)
+            .is_some_and(|users| any_unknown(users, &touched))
+    }));
     // Whatever is under a device with foreign IO carries that IO too.
     let foreign: HashSet<DevId> = foreign_roots
         .into_iter()
-        .flat_map(|d| stack_of(d).measured)
+        .flat_map(|d| node.stack(d).measured)
         .collect();
 
     let devices = members
@@ -208,6 +260,11 @@ mod tests {
 
     fn d(major: u32, minor: u32) -> DevId {
         DevId::new(major, minor).unwrap()
+    }
+
+    /// Gathers fresh facts for each call, as a first scan does.
+    fn build(found: &[Found], pvs: &PvStore, sysfs: &Sysfs) -> VolumeIndex {
+        super::build(&NodeFacts::gather(found.to_vec(), sysfs, None), pvs)
     }
 
     fn found(pv: &str, dev: DevId) -> Found {

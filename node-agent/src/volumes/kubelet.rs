@@ -4,6 +4,7 @@
 //! Paths are relative to the kubelet root. Anything that does not match a known layout exactly,
 //! or names a PV with what cannot be a PV name, is not a volume: a stray directory must never
 //! become a label.
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
@@ -126,17 +127,64 @@ pub fn escaped_driver(driver: &str) -> String {
     driver.replace('/', "~")
 }
 
+/// The directories [`pod_block_links`] lists, from the kubelet root down to a plugin's links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodDir {
+    /// The kubelet root: only its `pods` entry matters.
+    Root,
+    /// `pods`: every entry is a pod.
+    Pods,
+    /// `pods/<uid>`: only its `volumeDevices` entry matters.
+    Pod,
+    /// `pods/<uid>/volumeDevices`: only the plugins below matter.
+    VolumeDevices,
+    /// `pods/<uid>/volumeDevices/<plugin>`: every entry is a PV's link.
+    Plugin,
+}
+
+const BLOCK_PLUGINS: [&str; 2] = ["kubernetes.io~csi", "kubernetes.io~local-volume"];
+
+impl PodDir {
+    /// Whether an entry named `name` appearing in or leaving this directory can change what
+    /// [`pod_block_links`] finds.
+    pub fn matters(self, name: &OsStr) -> bool {
+        match self {
+            PodDir::Root => name == "pods",
+            PodDir::Pod => name == "volumeDevices",
+            PodDir::VolumeDevices => BLOCK_PLUGINS.iter().any(|p| name == *p),
+            PodDir::Pods | PodDir::Plugin => true,
+        }
+    }
+}
+
 /// Pod block-volume links are not mounts, so they are found by listing, not through mountinfo:
 /// `pods/*/volumeDevices/{kubernetes.io~csi,kubernetes.io~local-volume}/*`, relative paths.
-/// Most pods have no `volumeDevices`: one failed open each.
-pub fn pod_block_links(root: &Path) -> Vec<PathBuf> {
+/// `before_listing` is called with each directory before it is listed (to watch it, so that
+/// nothing created after the listing goes unseen); when it returns false the directory does
+/// not exist and is not listed. Most pods have no `volumeDevices`: one failed call each.
+pub fn pod_block_links(
+    root: &Path,
+    before_listing: &mut dyn FnMut(&Path, PodDir) -> bool,
+) -> Vec<PathBuf> {
     let mut found = Vec::new();
+    if !before_listing(root, PodDir::Root) || !before_listing(&root.join("pods"), PodDir::Pods) {
+        return found;
+    }
     for pod in list(&root.join("pods")) {
-        let devices = Path::new("pods").join(&pod).join("volumeDevices");
+        let pod = Path::new("pods").join(&pod);
+        if !before_listing(&root.join(&pod), PodDir::Pod) {
+            continue;
+        }
+        let devices = pod.join("volumeDevices");
+        if !before_listing(&root.join(&devices), PodDir::VolumeDevices) {
+            continue;
+        }
         for plugin in list(&root.join(&devices)) {
-            if plugin == "kubernetes.io~csi" || plugin == "kubernetes.io~local-volume" {
+            if BLOCK_PLUGINS.iter().any(|p| plugin == *p) {
                 let rel = devices.join(plugin);
-                found.extend(list(&root.join(&rel)).into_iter().map(|pv| rel.join(pv)));
+                if before_listing(&root.join(&rel), PodDir::Plugin) {
+                    found.extend(list(&root.join(&rel)).into_iter().map(|pv| rel.join(pv)));
+                }
             }
         }
     }
@@ -175,7 +223,6 @@ pub fn is_inline_csi_volume(pod_volume_dir: &Path) -> Option<bool> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
 
     const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";

@@ -25,6 +25,7 @@
 //! each paying for a scan. A background loop would scan even when no one scrapes, and its
 //! labels would be as stale as its period. A scrape never waits for another's scan; it takes
 //! the previous index.
+mod changes;
 mod dev_id;
 mod discover;
 mod index;
@@ -43,7 +44,9 @@ use std::time::{Duration, Instant};
 
 pub use index::{PvInfo, VolumeIndex, LABEL_NAMESPACE, LABEL_PV, LABEL_PVC};
 
+use changes::{Changed, Changes};
 use discover::{Discovery, Memo};
+use index::NodeFacts;
 use pv_store::PvStore;
 use sysfs::Sysfs;
 
@@ -59,8 +62,10 @@ pub struct VolumeConfig {
     pub mountinfo: PathBuf,
     /// Block devices are not namespaced, so the container's /sys shows the host's.
     pub sysfs: PathBuf,
-    /// How long one discovery serves scrapes; zero scans on every call.
+    /// How long one look at the node serves scrapes; zero looks on every call.
     pub ttl: Duration,
+    /// How often the node is scanned whole, change signals or not.
+    pub full_rescan: Duration,
 }
 
 impl Default for VolumeConfig {
@@ -71,6 +76,7 @@ impl Default for VolumeConfig {
             mountinfo: "/proc/self/mountinfo".into(),
             sysfs: "/sys".into(),
             ttl: Duration::from_secs(5),
+            full_rescan: Duration::from_secs(60),
         }
     }
 }
@@ -80,10 +86,31 @@ pub struct VolumeLabeler {
     discovery: Discovery,
     pvs: PvStore,
     ttl: Duration,
-    last: RwLock<Option<(Instant, Arc<VolumeIndex>)>>,
-    /// Held by the one scan in progress, with what scans carry over.
-    scanning: Mutex<Memo>,
+    full_rescan: Duration,
+    last: RwLock<Option<Last>>,
+    /// Held by the one call looking at the node or joining, with what calls carry over.
+    scanning: Mutex<State>,
     watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The index scrapes take.
+struct Last {
+    /// When the node was last looked at (signals checked, scanned if they fired).
+    looked: Instant,
+    /// The PV store's generation the index was joined at.
+    pv_generation: u64,
+    index: Arc<VolumeIndex>,
+}
+
+/// What one look at the node carries over to the next.
+struct State {
+    memo: Memo,
+    changes: Changes,
+    facts: NodeFacts,
+    /// `None` before the first scan.
+    last_full: Option<Instant>,
+    /// Scans so far, whole ones included.
+    scans: u64,
 }
 
 impl VolumeLabeler {
@@ -111,6 +138,7 @@ impl VolumeLabeler {
     }
 
     fn with_store(pvs: PvStore, cfg: VolumeConfig) -> Self {
+        let changes = Changes::new(&cfg.mountinfo, &cfg.sysfs);
         Self {
             discovery: Discovery {
                 kubelet_root: cfg.kubelet_root,
@@ -120,19 +148,27 @@ impl VolumeLabeler {
             },
             pvs,
             ttl: cfg.ttl,
+            full_rescan: cfg.full_rescan,
             last: RwLock::new(None),
-            scanning: Mutex::new(Memo::default()),
+            scanning: Mutex::new(State {
+                memo: Memo::default(),
+                changes,
+                facts: NodeFacts::default(),
+                last_full: None,
+                scans: 0,
+            }),
             watch: None,
         }
     }
 
     /// The current mapping. Cheap and never blocked by the API server: it reads the local
-    /// watch cache, and scans the node at most once per `ttl`.
+    /// watch cache, looks at the node at most once per `ttl`, and scans it only when a change
+    /// signal fired (or the whole rescan is due).
     pub fn index(&self) -> Arc<VolumeIndex> {
         if let Some(fresh) = self.fresh() {
             return fresh;
         }
-        let mut memo = match self.scanning.try_lock() {
+        let mut state = match self.scanning.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => match self.previous() {
@@ -142,33 +178,105 @@ impl VolumeLabeler {
             },
         };
         if let Some(fresh) = self.fresh() {
-            return fresh; // scanned by the call we waited for
+            return fresh; // done by the call we waited for
         }
         let started = Instant::now();
-        let found = self.discovery.scan(&mut memo);
-        let index = Arc::new(index::build(&found, &self.pvs, &self.discovery.sysfs));
-        tracing::debug!(
-            volumes = found.len(),
-            devices = index.iter().count(),
-            pv_list_synced = self.pvs.synced(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "volume discovery"
-        );
-        *self.last.write().unwrap_or_else(PoisonError::into_inner) =
-            Some((Instant::now(), index.clone()));
+        // Read before the store: an event applied meanwhile shows as a newer generation.
+        let pv_generation = self.pvs.generation();
+        let (looked, previous) = {
+            let last = self.last.read().unwrap_or_else(PoisonError::into_inner);
+            match last.as_ref() {
+                Some(l) => (Some(l.looked), Some((l.pv_generation, l.index.clone()))),
+                None => (None, None),
+            }
+        };
+        let look = looked.is_none_or(|at| at.elapsed() >= self.ttl);
+        let scan = if look {
+            self.look(&mut state)
+        } else {
+            Scan::None
+        };
+        let index = match previous {
+            Some((generation, index)) if scan == Scan::None && generation == pv_generation => index,
+            _ => Arc::new(index::build(&state.facts, &self.pvs)),
+        };
+        if scan != Scan::None || tracing::enabled!(tracing::Level::TRACE) {
+            tracing::debug!(
+                scan = ?scan,
+                volumes = state.facts.found.len(),
+                devices = index.iter().count(),
+                pv_list_synced = self.pvs.synced(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "volume discovery"
+            );
+        }
+        let looked = if look { Some(Instant::now()) } else { looked };
+        *self.last.write().unwrap_or_else(PoisonError::into_inner) = Some(Last {
+            looked: looked.unwrap_or_else(Instant::now),
+            pv_generation,
+            index: index.clone(),
+        });
         index
+    }
+
+    /// Checks the change signals and scans if one fired, if the last scan left something to
+    /// retry, or if the whole rescan is due.
+    fn look(&self, state: &mut State) -> Scan {
+        let changed = state.changes.check();
+        let full = state
+            .last_full
+            .is_none_or(|at| at.elapsed() >= self.full_rescan);
+        let scan = if full {
+            Scan::Full
+        } else if changed.any() || state.memo.unresolved() {
+            Scan::Changed(changed)
+        } else {
+            return Scan::None;
+        };
+        let State {
+            memo,
+            changes,
+            facts,
+            ..
+        } = state;
+        changes.pods.scan_started();
+        let found = self
+            .discovery
+            .scan(memo, &mut |dir, kind| changes.pods.watch(dir, kind));
+        changes.pods.scan_finished();
+        // Device stacks stay as they were while the set of block devices does; a whole rescan
+        // reads them again for what that misses (a dm table reloaded onto other disks).
+        let known = (!full && !changed.blocks).then_some(&*facts);
+        *facts = NodeFacts::gather(found, &self.discovery.sysfs, known);
+        if full {
+            state.last_full = Some(Instant::now());
+        }
+        state.scans += 1;
+        scan
     }
 
     fn fresh(&self) -> Option<Arc<VolumeIndex>> {
         let last = self.last.read().unwrap_or_else(PoisonError::into_inner);
-        let (at, index) = last.as_ref()?;
-        (at.elapsed() < self.ttl).then(|| index.clone())
+        let last = last.as_ref()?;
+        (last.looked.elapsed() < self.ttl && last.pv_generation == self.pvs.generation())
+            .then(|| last.index.clone())
     }
 
     fn previous(&self) -> Option<Arc<VolumeIndex>> {
         let last = self.last.read().unwrap_or_else(PoisonError::into_inner);
-        last.as_ref().map(|(_, index)| index.clone())
+        last.as_ref().map(|l| l.index.clone())
     }
+}
+
+/// What one look at the node did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Nothing changed: the previous facts stand.
+    None,
+    /// A signal fired (or a vol_data.json was unreadable): scanned, device stacks reused.
+    Changed(Changed),
+    /// The first scan, or the periodic whole one.
+    Full,
 }
 
 impl Drop for VolumeLabeler {

@@ -4,7 +4,7 @@
 //! retries with backoff and, once back, re-lists and swaps the new list in whole (the reflector
 //! buffers a re-list until it is complete), so a scrape never sees half a list.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
@@ -25,6 +25,9 @@ const BETA_STORAGE_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
 pub struct PvStore {
     store: Store<PersistentVolume>,
     synced: Arc<AtomicBool>,
+    /// Bumped after every watch event is in the store: labels joined at an older generation
+    /// may be stale.
+    generation: Arc<AtomicU64>,
 }
 
 impl PvStore {
@@ -36,14 +39,26 @@ impl PvStore {
         )
         .default_backoff();
         let (pvs, writer) = Self::new();
-        let synced = pvs.synced.clone();
-        (pvs, tokio::spawn(drive(events, writer, synced)))
+        (pvs.clone(), tokio::spawn(drive(events, writer, pvs)))
     }
 
     fn new() -> (Self, reflector::store::Writer<PersistentVolume>) {
         let (store, writer) = reflector::store();
-        let synced = Arc::new(AtomicBool::new(false));
-        (Self { store, synced }, writer)
+        let pvs = Self {
+            store,
+            synced: Arc::new(AtomicBool::new(false)),
+            generation: Arc::new(AtomicU64::new(0)),
+        };
+        (pvs, writer)
+    }
+
+    /// Changes whenever the store may have changed; read it before reading the store.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Whether the first full list has arrived; before it, PVs are known by name only.
@@ -78,18 +93,21 @@ impl PvStore {
 
 /// Feeds the store and logs the watch's health. Errors never end it: the backoff in `events`
 /// decides when to retry.
-async fn drive<S>(
-    events: S,
-    writer: reflector::store::Writer<PersistentVolume>,
-    synced: Arc<AtomicBool>,
-) where
+async fn drive<S>(events: S, writer: reflector::store::Writer<PersistentVolume>, pvs: PvStore)
+where
     S: Stream<Item = watcher::Result<watcher::Event<PersistentVolume>>>,
 {
     let mut health = Health::default();
     let mut events = std::pin::pin!(events.modify(trim).reflect(writer));
     while let Some(event) = events.next().await {
-        if matches!(event, Ok(watcher::Event::InitDone)) && !synced.swap(true, Ordering::Relaxed) {
+        if matches!(event, Ok(watcher::Event::InitDone))
+            && !pvs.synced.swap(true, Ordering::Relaxed)
+        {
             tracing::info!("PersistentVolumes listed; volume labels carry claims");
+        }
+        // `reflect` has applied the event to the store before passing it on.
+        if event.is_ok() {
+            pvs.changed();
         }
         match health.observe(&event) {
             Report::Back => tracing::info!("PersistentVolume watch is back"),
@@ -256,6 +274,31 @@ pub mod tests {
         }
     }
 
+    /// A store whose PVs a test changes as the watch would.
+    pub struct Feed {
+        pub pvs: PvStore,
+        writer: reflector::store::Writer<PersistentVolume>,
+    }
+
+    impl Feed {
+        pub fn new(pvs: Vec<PersistentVolume>) -> Self {
+            let (store, mut writer) = PvStore::new();
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for mut pv in pvs {
+                trim(&mut pv);
+                writer.apply_watcher_event(&watcher::Event::InitApply(pv));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+            Self { pvs: store, writer }
+        }
+
+        pub fn apply(&mut self, mut pv: PersistentVolume) {
+            trim(&mut pv);
+            self.writer.apply_watcher_event(&watcher::Event::Apply(pv));
+            self.pvs.changed();
+        }
+    }
+
     /// A store filled as the watcher fills it.
     pub fn store_of(pvs: Vec<PersistentVolume>) -> PvStore {
         let (store, mut writer) = PvStore::new();
@@ -384,9 +427,8 @@ pub mod tests {
     #[tokio::test]
     async fn a_failing_watch_keeps_the_last_list_and_resyncs_whole() {
         let (pvs, writer) = PvStore::new();
-        let synced = pvs.synced.clone();
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let task = tokio::spawn(drive(rx, writer, synced));
+        let task = tokio::spawn(drive(rx, writer, pvs.clone()));
         let send = |e| tx.unbounded_send(e).unwrap();
         let settle = || tokio::time::sleep(std::time::Duration::from_millis(20));
 

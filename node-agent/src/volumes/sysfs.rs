@@ -89,18 +89,31 @@ impl Sysfs {
         }
     }
 
-    /// Whether something outside `known` sits on `dev`: a holder (dm, md) that is not known, or,
-    /// for a whole disk, a partition that is not known. Its IO would be counted on `dev` too.
-    pub fn has_unknown_users(&self, dev: DevId, known: &HashSet<DevId>) -> bool {
+    /// What else sits on `dev` and would have its IO counted there too: its holders (dm, md)
+    /// and, for a whole disk, its partitions. `None` for one whose number cannot be read.
+    /// Nothing for a device sysfs does not know.
+    pub fn users(&self, dev: DevId) -> Vec<Option<DevId>> {
         let Some(dir) = self.dir_of(dev) else {
-            return false;
+            return Vec::new();
         };
-        let unknown = |d: &PathBuf| read_dev(d).is_none_or(|u| !known.contains(&u));
-        if links(&dir, "holders").iter().any(unknown) {
-            return true;
+        let mut users: Vec<Option<DevId>> =
+            links(&dir, "holders").iter().map(|d| read_dev(d)).collect();
+        if !is_partition(&dir) {
+            users.extend(partitions(&dir).iter().map(|d| read_dev(d)));
         }
-        !is_partition(&dir) && partitions(&dir).iter().any(unknown)
+        users
     }
+
+    /// Whether something outside `known` sits on `dev` (see [`Sysfs::users`]).
+    #[cfg(test)]
+    pub fn has_unknown_users(&self, dev: DevId, known: &HashSet<DevId>) -> bool {
+        any_unknown(&self.users(dev), known)
+    }
+}
+
+/// Whether any of `users` is outside `known`; one whose number could not be read is.
+pub fn any_unknown(users: &[Option<DevId>], known: &HashSet<DevId>) -> bool {
+    users.iter().any(|u| u.is_none_or(|u| !known.contains(&u)))
 }
 
 /// `dev` holds "MAJ:MIN\n". One read into a small buffer: sysfs returns an attribute whole,

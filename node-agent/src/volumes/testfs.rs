@@ -64,6 +64,15 @@ impl FakeSys {
         std::os::unix::fs::symlink(u, l.join("holders").join(upper)).unwrap();
     }
 
+    /// A partition appearing on an existing disk (a partition table re-read).
+    pub fn add_partition(&self, disk: &str, name: &str, dev: DevId) {
+        Disk {
+            sys: self,
+            name: disk.into(),
+        }
+        .partition(name, dev);
+    }
+
     pub fn write(&self, rel: &str, text: &str) {
         std::fs::write(self.root().join(rel), text).unwrap();
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::dev_id::DevId;
 use super::index::DiskVolumes;
 use super::mountinfo::escape;
+use super::pv_store::tests::Feed;
 use super::pv_store::tests::{csi_pv, store_of};
 use super::testfs::FakeSys;
 use super::*;
@@ -64,6 +65,8 @@ impl Node {
             mountinfo: self.mountinfo.clone(),
             sysfs: self.sys.root().into(),
             ttl: Duration::ZERO,
+            // Only the first scan is whole unless a test says otherwise.
+            full_rescan: Duration::from_secs(3600),
         }
     }
 
@@ -72,6 +75,17 @@ impl Node {
         let point = self.root.join(rel);
         std::fs::create_dir_all(&point).unwrap();
         self.raw_mount(dev, fs_root, &point, "ext4", source);
+    }
+
+    /// A CSI PV mounted into a pod as the kubelet mounts it, vol_data.json included.
+    fn csi_mount(&mut self, dev: DevId, pod: &str, pv: &str, source: &str) {
+        let dir = format!("pods/{pod}/volumes/kubernetes.io~csi/{pv}");
+        self.mount(dev, "/", &format!("{dir}/mount"), source);
+        std::fs::write(
+            self.root.join(dir).join("vol_data.json"),
+            format!(r#"{{"specVolID":"{pv}","volumeLifecycleMode":"Persistent"}}"#),
+        )
+        .unwrap();
     }
 
     fn raw_mount(&mut self, dev: DevId, fs_root: &str, point: &Path, fs: &str, source: &str) {
@@ -413,8 +427,8 @@ fn scans_are_reused_within_the_ttl_and_never_waited_for() {
     assert!(Arc::ptr_eq(&first, &labeler.index()), "within the ttl");
 
     // Another scrape is scanning: take the previous index rather than wait.
-    *labeler.last.write().unwrap() =
-        Some((Instant::now() - Duration::from_secs(7200), first.clone()));
+    labeler.last.write().unwrap().as_mut().unwrap().looked =
+        Instant::now() - Duration::from_secs(7200);
     let scanning = labeler.scanning.lock().unwrap();
     assert!(Arc::ptr_eq(&first, &labeler.index()));
     drop(scanning);
@@ -451,7 +465,7 @@ fn vol_data_is_read_once_per_mount_but_retried_until_readable() {
     // Unmounted: forgotten, so a new mount at the same path is read afresh.
     std::fs::write(&node.mountinfo, "").unwrap();
     assert_eq!(*labeler.index(), VolumeIndex::default());
-    assert!(labeler.scanning.lock().unwrap().is_empty());
+    assert!(labeler.scanning.lock().unwrap().memo.is_empty());
     node.write_mountinfo();
     assert!(labeler.index().get(d(8, 16).kernel()).is_some());
 }
@@ -515,26 +529,70 @@ fn discovery_cost(disks: u32) {
     }
     let labeler = node.labeler(pvs);
     let _ = labeler.index(); // warm the page cache as a running node has it
-    let runs = 10;
-    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
-    for _ in 0..runs {
-        let index = labeler.index();
+    let check = |index: &VolumeIndex| {
         assert_eq!(index.iter().count(), disks as usize);
         assert!(index.iter().all(|(_, v)| v.attributed().is_some()));
-    }
-    let per_scan = started.elapsed() / runs;
-    // CPU time, as wall time on a busy test machine mostly measures the other processes.
-    let cpu_per_scan = (thread_cpu_time() - cpu_started) / runs;
-    eprintln!(
-        "discovery of 500 pod volumes on {disks} disks, 1,000 mountinfo lines: \
-         {cpu_per_scan:?} CPU, {per_scan:?} wall per scan ({} build)",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
+    };
+    let runs = 10;
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+
+    // A whole scan, as every scrape past the ttl paid before change signals.
+    let full = cost(runs, || {
+        labeler.scanning.lock().unwrap().last_full = None;
+        check(&labeler.index());
+    });
+    // Nothing changed: the signals only, with the real mount table's poll(2) in place of the
+    // fake table (a fake one is compared by reading it).
+    labeler.scanning.lock().unwrap().changes.mounts =
+        changes::MountTable::open(Path::new("/proc/thread-self/mountinfo"));
+    let scans = labeler.scanning.lock().unwrap().scans;
+    let unchanged = cost(runs, || check(&labeler.index()));
+    assert_eq!(
+        labeler.scanning.lock().unwrap().scans,
+        scans,
+        "nothing changed"
     );
-    assert!(per_scan < Duration::from_secs(2), "{per_scan:?}");
+    // One pod volume mounted or unmounted: scanned again, device stacks reused.
+    labeler.scanning.lock().unwrap().changes.mounts = changes::MountTable::open(&node.mountinfo);
+    let mut line = 0;
+    let one_mount = cost(runs, || {
+        line += 1;
+        node.raw_mount(
+            d(0, 5000 + line),
+            "/",
+            &node
+                .root
+                .join(format!("pods/x/volumes/kubernetes.io~projected/t{line}")),
+            "tmpfs",
+            "tmpfs",
+        );
+        node.write_mountinfo();
+        check(&labeler.index());
+    });
+    assert_eq!(labeler.scanning.lock().unwrap().scans, scans + runs as u64);
+    eprintln!(
+        "discovery of 500 pod volumes on {disks} disks, 1,000 mountinfo lines ({build} build), \
+         CPU (wall) per call: whole scan {:?} ({:?}); nothing changed {:?} ({:?}); \
+         after one mount change {:?} ({:?})",
+        full.0, full.1, unchanged.0, unchanged.1, one_mount.0, one_mount.1
+    );
+}
+
+/// Thread CPU time and wall time per run: CPU, as wall time on a busy test machine mostly
+/// measures the other processes.
+fn cost(runs: u32, mut f: impl FnMut()) -> (Duration, Duration) {
+    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+    for _ in 0..runs {
+        f();
+    }
+    (
+        (thread_cpu_time() - cpu_started) / runs,
+        started.elapsed() / runs,
+    )
 }
 
 fn thread_cpu_time() -> Duration {
@@ -545,4 +603,220 @@ fn thread_cpu_time() -> Duration {
     // SAFETY: ts is a valid timespec to write into.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn scans(labeler: &VolumeLabeler) -> u64 {
+    labeler.scanning.lock().unwrap().scans
+}
+
+/// A node with one PV mounted from a whole disk, scanned once.
+fn one_pv_node() -> (Node, VolumeLabeler) {
+    let mut node = Node::new();
+    node.sys.disk("sdb", d(8, 16));
+    node.csi_mount(d(8, 16), "p1", "pvc-1", "/dev/sdb");
+    let labeler = node.labeler(vec![]);
+    assert_eq!(
+        attributed(&labeler.index(), d(8, 16)).as_deref(),
+        Some("pvc-1")
+    );
+    assert_eq!(scans(&labeler), 1);
+    (node, labeler)
+}
+
+#[test]
+fn nothing_changed_reuses_the_scan_and_the_index() {
+    let (_node, labeler) = one_pv_node();
+    let first = labeler.index();
+    for _ in 0..3 {
+        assert!(Arc::ptr_eq(&first, &labeler.index()));
+    }
+    assert_eq!(scans(&labeler), 1, "no signal fired: no scan");
+}
+
+#[test]
+fn a_mount_table_change_rescans() {
+    let (mut node, labeler) = one_pv_node();
+    node.sys.disk("sdc", d(8, 32));
+    node.csi_mount(d(8, 32), "p2", "pvc-2", "/dev/sdc");
+    node.write_mountinfo();
+    assert_eq!(
+        attributed(&labeler.index(), d(8, 32)).as_deref(),
+        Some("pvc-2")
+    );
+    assert_eq!(scans(&labeler), 2);
+    std::fs::write(&node.mountinfo, "").unwrap();
+    assert_eq!(*labeler.index(), VolumeIndex::default(), "unmounted");
+    assert_eq!(scans(&labeler), 3);
+}
+
+/// The real mount table: poll(2) on /proc/PID/mountinfo reports a mount and an unmount in the
+/// agent's namespace, each once. Runs in a mount namespace of its own (root only), so the
+/// host's table never changes.
+#[test]
+fn mountinfo_poll_reports_mounts_and_unmounts_once() {
+    std::thread::spawn(|| {
+        // SAFETY: plain system calls with NUL-terminated constant strings; unshare affects
+        // this thread alone (it gets its own fs_struct), which ends with the test.
+        let private = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+        };
+        if !private {
+            eprintln!(
+                "SKIPPED LOUDLY: no mount namespace of our own ({}); run as root",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let point = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // The thread's own view: /proc/self is the main thread's, in the host's namespace.
+        let mut table = changes::MountTable::open(Path::new("/proc/thread-self/mountinfo"));
+        assert!(table.polls(), "procfs mountinfo is polled, not read");
+        assert!(!table.changed(), "nothing mounted yet");
+        // SAFETY: as above; the mount point is a directory this test owns.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                point.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        assert!(table.changed(), "a mount");
+        assert!(!table.changed(), "reported once");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::umount(point.as_ptr()) }, 0);
+        assert!(table.changed(), "an unmount");
+        assert!(!table.changed(), "reported once");
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn block_links_in_the_pods_tree_rescan_and_other_entries_do_not() {
+    let node = Node::new();
+    for (name, dev) in [("sdf", d(8, 80)), ("sdg", d(8, 96))] {
+        node.sys.disk(name, dev);
+    }
+    let labeler = node.labeler(vec![]);
+    assert_eq!(
+        *labeler.index(),
+        VolumeIndex::default(),
+        "no pods directory yet"
+    );
+    assert_eq!(scans(&labeler), 1);
+
+    // pods/ appears with the whole chain below it at once: the root's watch sees it.
+    node.symlink(
+        "/dev/sdf",
+        "pods/p1/volumeDevices/kubernetes.io~local-volume/local-f",
+    );
+    assert_eq!(
+        attributed(&labeler.index(), d(8, 80)).as_deref(),
+        Some("local-f")
+    );
+    assert_eq!(scans(&labeler), 2);
+
+    // What the kubelet writes beside block volumes changes nothing it reads.
+    std::fs::write(node.root.join("pods/p1/etc-hosts"), "").unwrap();
+    std::fs::create_dir_all(node.root.join("pods/p1/containers/app")).unwrap();
+    std::fs::create_dir_all(node.root.join("pods/p1/volumeDevices/kubernetes.io~empty")).unwrap();
+    let before = labeler.index();
+    assert!(Arc::ptr_eq(&before, &labeler.index()));
+    assert_eq!(scans(&labeler), 2, "no rescan for entries no PV lives in");
+
+    // A second pod: its directory in pods/, then its link.
+    std::fs::create_dir_all(node.root.join("pods/p2")).unwrap();
+    let _ = labeler.index();
+    assert_eq!(scans(&labeler), 3);
+    node.symlink("/dev/sdg", "pods/p2/volumeDevices/kubernetes.io~csi/pvc-g");
+    assert_eq!(
+        attributed(&labeler.index(), d(8, 96)).as_deref(),
+        Some("pvc-g")
+    );
+    assert_eq!(scans(&labeler), 4);
+
+    // A link removed from a watched plugin directory.
+    std::fs::remove_file(
+        node.root
+            .join("pods/p1/volumeDevices/kubernetes.io~local-volume/local-f"),
+    )
+    .unwrap();
+    let index = labeler.index();
+    assert_eq!(index.get(d(8, 80).kernel()), None);
+    assert_eq!(attributed(&index, d(8, 96)).as_deref(), Some("pvc-g"));
+    // A pod removed whole: its watches go with it, and so does its PV.
+    std::fs::remove_dir_all(node.root.join("pods/p2")).unwrap();
+    assert_eq!(*labeler.index(), VolumeIndex::default());
+    let watches = labeler.scanning.lock().unwrap().changes.pods.watches();
+    assert_eq!(
+        watches, 5,
+        "root, pods, p1, its volumeDevices and plugin directory"
+    );
+}
+
+#[test]
+fn a_new_block_device_rescans_and_reads_stacks_again() {
+    let (node, labeler) = one_pv_node();
+    // A partition table re-read puts a partition on the PV's disk: no mount changed, but the
+    // disk now carries IO that is not the PV's.
+    node.sys.add_partition("sdb", "sdb1", d(8, 17));
+    let index = labeler.index();
+    assert_eq!(scans(&labeler), 2);
+    assert_eq!(attributed(&index, d(8, 16)), None);
+    assert_eq!(all_pvs(&index, d(8, 16)), ["pvc-1"]);
+}
+
+#[test]
+fn pv_changes_rejoin_at_once_without_a_scan() {
+    let mut node = Node::new();
+    node.sys.disk("sdb", d(8, 16));
+    node.csi_mount(d(8, 16), "p1", "pvc-1", "/dev/sdb");
+    node.write_mountinfo();
+    let mut feed = Feed::new(vec![csi_pv("pvc-1", ("ns", "old"), "gp3", "h")]);
+    let cfg = VolumeConfig {
+        ttl: Duration::from_secs(3600),
+        ..node.config()
+    };
+    let labeler = VolumeLabeler::with_store(feed.pvs.clone(), cfg);
+    let claim = |l: &VolumeLabeler| {
+        l.index()
+            .get(d(8, 16).kernel())
+            .and_then(|v| v.attributed()?.pvc.clone())
+    };
+    assert_eq!(claim(&labeler).as_deref(), Some("old"));
+    feed.apply(csi_pv("pvc-1", ("ns", "new"), "gp3", "h"));
+    assert_eq!(claim(&labeler).as_deref(), Some("new"), "within the ttl");
+    assert_eq!(scans(&labeler), 1, "joined again, not scanned");
+}
+
+#[test]
+fn what_no_signal_covers_waits_for_the_whole_rescan() {
+    let mut node = Node::new();
+    node.sys.disk("sdb", d(8, 16));
+    node.sys.disk("sdc", d(8, 32));
+    node.sys.dm("dm-0", d(253, 0), &["sdb"]);
+    node.csi_mount(d(253, 0), "p1", "pvc-1", "/dev/dm-0");
+    let labeler = node.labeler(vec![]);
+    assert_eq!(attributed(&labeler.index(), d(8, 32)), None);
+    // An LV extended onto another disk: its slaves change, no device appears.
+    node.sys.add_slave("dm-0", "sdc");
+    assert_eq!(attributed(&labeler.index(), d(8, 32)), None, "not seen yet");
+    assert_eq!(scans(&labeler), 1);
+    labeler.scanning.lock().unwrap().last_full = Some(Instant::now() - Duration::from_secs(3600));
+    assert_eq!(
+        attributed(&labeler.index(), d(8, 32)).as_deref(),
+        Some("pvc-1")
+    );
+    assert_eq!(scans(&labeler), 2);
 }
