@@ -83,13 +83,15 @@ impl Default for VolumeConfig {
 
 /// Keeps the PV watch running and answers "which PVs are on which device" at scrape time.
 pub struct VolumeLabeler {
-    discovery: Discovery,
+    discovery: Arc<Discovery>,
     pvs: PvStore,
     ttl: Duration,
     full_rescan: Duration,
-    last: RwLock<Option<Last>>,
+    last: Arc<RwLock<Option<Last>>>,
     /// Held by the one call looking at the node or joining, with what calls carry over.
-    scanning: Mutex<State>,
+    scanning: Arc<Mutex<State>>,
+    /// The last periodic whole rescan, which runs beside the scrapes.
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
     watch: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -140,23 +142,24 @@ impl VolumeLabeler {
     fn with_store(pvs: PvStore, cfg: VolumeConfig) -> Self {
         let changes = Changes::new(&cfg.mountinfo, &cfg.sysfs);
         Self {
-            discovery: Discovery {
+            discovery: Arc::new(Discovery {
                 kubelet_root: cfg.kubelet_root,
                 host_kubelet_root: cfg.host_kubelet_root,
                 mountinfo: cfg.mountinfo,
                 sysfs: Sysfs::new(cfg.sysfs),
-            },
+            }),
             pvs,
             ttl: cfg.ttl,
             full_rescan: cfg.full_rescan,
-            last: RwLock::new(None),
-            scanning: Mutex::new(State {
+            last: Arc::new(RwLock::new(None)),
+            scanning: Arc::new(Mutex::new(State {
                 memo: Memo::default(),
                 changes,
                 facts: NodeFacts::default(),
                 last_full: None,
                 scans: 0,
-            }),
+            })),
+            background: Mutex::new(None),
             watch: None,
         }
     }
@@ -191,11 +194,24 @@ impl VolumeLabeler {
             }
         };
         let look = looked.is_none_or(|at| at.elapsed() >= self.ttl);
-        let scan = if look {
-            self.look(&mut state)
+        let mut scan = if look {
+            state.due(self.full_rescan)
         } else {
             Scan::None
         };
+        if scan == Scan::Background {
+            match &previous {
+                Some((_, index)) => {
+                    let index = index.clone();
+                    self.rescan_in_background(state, pv_generation, index.clone());
+                    return index;
+                }
+                None => scan = Scan::Full,
+            }
+        }
+        if scan != Scan::None {
+            state.scan(&self.discovery, scan);
+        }
         let index = match previous {
             Some((generation, index)) if scan == Scan::None && generation == pv_generation => index,
             _ => Arc::new(index::build(&state.facts, &self.pvs)),
@@ -219,40 +235,65 @@ impl VolumeLabeler {
         index
     }
 
-    /// Checks the change signals and scans if one fired, if the last scan left something to
-    /// retry, or if the whole rescan is due.
-    fn look(&self, state: &mut State) -> Scan {
-        let changed = state.changes.check();
-        let full = state
-            .last_full
-            .is_none_or(|at| at.elapsed() >= self.full_rescan);
-        let scan = if full {
-            Scan::Full
-        } else if changed.any() || state.memo.unresolved() {
-            Scan::Changed(changed)
-        } else {
-            return Scan::None;
+    /// The periodic whole rescan when no signal fired: it finds nothing new almost always, so
+    /// it runs on a thread of its own while scrapes take the index they have; it stores its
+    /// index when done. Inline if no thread can be started.
+    fn rescan_in_background(
+        &self,
+        mut state: std::sync::MutexGuard<'_, State>,
+        pv_generation: u64,
+        index: Arc<VolumeIndex>,
+    ) {
+        // Scrapes within the ttl take this index; a scrape past it before the rescan ends
+        // finds the lock taken and takes it too.
+        state.last_full = Some(Instant::now());
+        *self.last.write().unwrap_or_else(PoisonError::into_inner) = Some(Last {
+            looked: Instant::now(),
+            pv_generation,
+            index,
+        });
+        drop(state);
+        let (scanning, discovery, pvs, last) = (
+            self.scanning.clone(),
+            self.discovery.clone(),
+            self.pvs.clone(),
+            self.last.clone(),
+        );
+        let rescan = move || {
+            let mut state = scanning.lock().unwrap_or_else(PoisonError::into_inner);
+            let started = Instant::now();
+            state.scan(&discovery, Scan::Full);
+            let pv_generation = pvs.generation();
+            let index = Arc::new(index::build(&state.facts, &pvs));
+            tracing::debug!(
+                scan = ?Scan::Background,
+                volumes = state.facts.found.len(),
+                devices = index.iter().count(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "volume discovery"
+            );
+            let mut last = last.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(last) = last.as_mut() {
+                last.pv_generation = pv_generation;
+                last.index = index;
+            }
         };
-        let State {
-            memo,
-            changes,
-            facts,
-            ..
-        } = state;
-        changes.pods.scan_started();
-        let found = self
-            .discovery
-            .scan(memo, &mut |dir, kind| changes.pods.watch(dir, kind));
-        changes.pods.scan_finished();
-        // Device stacks stay as they were while the set of block devices does; a whole rescan
-        // reads them again for what that misses (a dm table reloaded onto other disks).
-        let known = (!full && !changed.blocks).then_some(&*facts);
-        *facts = NodeFacts::gather(found, &self.discovery.sysfs, known);
-        if full {
-            state.last_full = Some(Instant::now());
+        let spawned = std::thread::Builder::new()
+            .name("pv-rescan".into())
+            .spawn(rescan);
+        match spawned {
+            Ok(handle) => {
+                *self
+                    .background
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot start a thread for the whole PV rescan; next scrape");
+                let mut state = self.scanning.lock().unwrap_or_else(PoisonError::into_inner);
+                state.last_full = None;
+            }
         }
-        state.scans += 1;
-        scan
     }
 
     fn fresh(&self) -> Option<Arc<VolumeIndex>> {
@@ -275,8 +316,46 @@ enum Scan {
     None,
     /// A signal fired (or a vol_data.json was unreadable): scanned, device stacks reused.
     Changed(Changed),
-    /// The first scan, or the periodic whole one.
+    /// The first scan, or a signal fired when the whole rescan was due.
     Full,
+    /// The periodic whole rescan with no signal fired, beside the scrapes.
+    Background,
+}
+
+impl State {
+    /// Checks the change signals: what scan is needed, if any.
+    fn due(&mut self, full_every: Duration) -> Scan {
+        let changed = self.changes.check();
+        let full = self.last_full.is_none_or(|at| at.elapsed() >= full_every);
+        match (full, changed.any() || self.memo.unresolved()) {
+            (true, true) => Scan::Full,
+            (true, false) => Scan::Background,
+            (false, true) => Scan::Changed(changed),
+            (false, false) => Scan::None,
+        }
+    }
+
+    fn scan(&mut self, discovery: &Discovery, scan: Scan) {
+        let full = matches!(scan, Scan::Full | Scan::Background);
+        let blocks = matches!(scan, Scan::Changed(c) if c.blocks);
+        let State {
+            memo,
+            changes,
+            facts,
+            ..
+        } = self;
+        changes.pods.scan_started();
+        let found = discovery.scan(memo, &mut |dir, kind| changes.pods.watch(dir, kind));
+        changes.pods.scan_finished();
+        // Device stacks stay as they were while the set of block devices does; a whole rescan
+        // reads them again for what that misses (a dm table reloaded onto other disks).
+        let known = (!full && !blocks).then_some(&*facts);
+        *facts = NodeFacts::gather(found, &discovery.sysfs, known);
+        if full {
+            self.last_full = Some(Instant::now());
+        }
+        self.scans += 1;
+    }
 }
 
 impl Drop for VolumeLabeler {
