@@ -114,6 +114,9 @@ impl MountTable {
     }
 }
 
+// f_type is i64 on x86_64 and aarch64 but u32 on some 32-bit targets: the conversion is not
+// useless everywhere.
+#[allow(clippy::useless_conversion)]
 fn is_procfs(file: &File) -> bool {
     rustix::fs::fstatfs(file).is_ok_and(|st| i64::from(st.f_type) == PROC_SUPER_MAGIC)
 }
