@@ -675,7 +675,10 @@ mod tests {
                 .find(|a| a.starts_with("--device-include="))
                 .unwrap();
             assert_eq!(
-                kubelet_expand(arg),
+                crate::resources::test_support::kubelet_expand(
+                    arg,
+                    &std::collections::BTreeMap::from([("NODE_NAME", "node-1")])
+                ),
                 format!("--device-include={p}"),
                 "{p:?}"
             );
@@ -683,35 +686,6 @@ mod tests {
         // The example: accepted by both, and it does filter.
         let f = bio_device_filter::DeviceFilter::new(&["(?x)sda#comment".into()], &[]).unwrap();
         assert!(f.allows("sda") && !f.allows("sdb"));
-    }
-
-    /// The kubelet's expansion of container args (Kubernetes' expansion
-    /// package): `$$` is a literal `$`, `$(NAME)` a variable; only NODE_NAME
-    /// is defined in the agent container.
-    fn kubelet_expand(s: &str) -> String {
-        let mut out = String::new();
-        let mut rest = s;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(tail) = after.strip_prefix('$') {
-                out.push('$');
-                rest = tail;
-            } else if let Some(close) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-                let name = &after[1..=close];
-                if name == "NODE_NAME" {
-                    out.push_str("node-1");
-                } else {
-                    out.push_str(&rest[i..i + close + 3]);
-                }
-                rest = &after[close + 2..];
-            } else {
-                out.push('$');
-                rest = after;
-            }
-        }
-        out.push_str(rest);
-        out
     }
 
     fn status(code: u16, causes: &[(&str, &str)], message: &str) -> kube::core::Status {

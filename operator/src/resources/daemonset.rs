@@ -356,7 +356,7 @@ mod tests {
             AgentSeccompProfile, AttachMode, AuthMode, BioMonitorSpec, DeviceFilter, LogLevel,
             PullPolicy,
         },
-        resources::test_support::monitor,
+        resources::test_support::{kubelet_expand, monitor},
     };
 
     fn build(spec: BioMonitorSpec) -> DaemonSet {
@@ -710,37 +710,6 @@ mod tests {
             pod_spec(&ds).priority_class_name.as_deref(),
             Some("system-node-critical")
         );
-    }
-
-    /// The kubelet's expansion of container args (k8s.io/kubernetes
-    /// third_party/forked/golang/expansion): `$$` is a literal `$`, `$(NAME)` the variable's
-    /// value (left as written when undefined), `$(` without `)` and any other `$` stay.
-    fn kubelet_expand(arg: &str, env: &BTreeMap<&str, &str>) -> String {
-        let mut out = String::new();
-        let mut rest = arg;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(tail) = after.strip_prefix('$') {
-                out.push('$');
-                rest = tail;
-            } else if let Some((name, tail)) = after
-                .strip_prefix('(')
-                .and_then(|reference| reference.split_once(')'))
-            {
-                match env.get(name) {
-                    Some(value) => out.push_str(value),
-                    None => out.push_str(&format!("$({name})")),
-                }
-                rest = tail;
-            } else {
-                // `$(` without a closing `)`, a lone `$` before anything else, or at the end.
-                out.push('$');
-                rest = after;
-            }
-        }
-        out.push_str(rest);
-        out
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub fn child_meta(bm: &BioMonitor, name: String) -> Result<ObjectMeta> {
 
 #[cfg(test)]
 pub(crate) mod test_support {
+    use std::collections::BTreeMap;
+
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use crate::crd::{BioMonitor, BioMonitorSpec};
@@ -99,6 +101,37 @@ pub(crate) mod test_support {
             spec,
             status: None,
         }
+    }
+
+    /// The kubelet's expansion of container args (k8s.io/kubernetes
+    /// third_party/forked/golang/expansion): `$$` is a literal `$`, `$(NAME)` the variable's
+    /// value (left as written when undefined), `$(` without `)` and any other `$` stay.
+    pub fn kubelet_expand(arg: &str, env: &BTreeMap<&str, &str>) -> String {
+        let mut out = String::new();
+        let mut rest = arg;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some((name, tail)) = after
+                .strip_prefix('(')
+                .and_then(|reference| reference.split_once(')'))
+            {
+                match env.get(name) {
+                    Some(value) => out.push_str(value),
+                    None => out.push_str(&format!("$({name})")),
+                }
+                rest = tail;
+            } else {
+                // `$(` without a closing `)`, a lone `$` before anything else, or at the end.
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
     }
 }
 
