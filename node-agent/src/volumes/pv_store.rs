@@ -301,14 +301,7 @@ pub mod tests {
 
     /// A store filled as the watcher fills it.
     pub fn store_of(pvs: Vec<PersistentVolume>) -> PvStore {
-        let (store, mut writer) = PvStore::new();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        for mut pv in pvs {
-            trim(&mut pv);
-            writer.apply_watcher_event(&watcher::Event::InitApply(pv));
-        }
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        store
+        Feed::new(pvs).pvs
     }
 
     #[test]
